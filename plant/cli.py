@@ -1,0 +1,279 @@
+"""The ``plant`` command: publish, tail, replay, status.
+
+    plant publish TOPIC [PAYLOAD] | --stdin   [--timeout S]
+    plant tail [--topic PREFIX] [--from now|today|SEQ|TIME|checkpoint:NAME]
+    plant replay --from SEQ [--to SEQ] [--since TIME] [--until TIME] [--topic PREFIX]
+                 [--format jsonl|text] [--output FILE] [--follow]
+    plant status
+
+Every command takes ``--sequencer EP`` (repeatable; a node's ingress
+endpoint), ``--config FILE`` and the ``ORBCAST_PLANT_*`` environment, like
+the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as _dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+from orbcast import config as cfgmod
+from orbcast.cliutil import run_main, setup_logging
+from orbcast.envelope import Error, Message, StatusRequest
+from orbcast.errors import OrbcastTimeout
+from orbcast.rpc import request
+
+from .client import Plant, Subscription, parse_start, parse_time
+
+__all__ = ["main", "format_message", "rfc3339"]
+
+#: Print replay progress to stderr at most this often, once a replay has
+#: been running at least this long.
+PROGRESS_EVERY_S = 1.0
+
+
+def rfc3339(ns: int) -> str:
+    """ns since the epoch -> ``2026-11-25T15:12:14.123456789Z``."""
+    s, frac = divmod(ns, 1_000_000_000)
+    base = _dt.datetime.fromtimestamp(s, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{base}.{frac:09d}Z"
+
+
+def format_message(m: Message, fmt: str) -> str:
+    """One output line for ``m`` (``jsonl`` or ``text``), without newline."""
+    if fmt == "jsonl":
+        return json.dumps({"seq": m.seq, "epoch": m.epoch, "time": rfc3339(m.time),
+                           "topic": m.topic, "producer": m.producer,
+                           "producer_seq": m.producer_seq,
+                           "payload": base64.b64encode(m.payload).decode("ascii")},
+                          separators=(",", ":"))
+    try:
+        text = m.payload.decode("utf-8")
+        if not text.isprintable():
+            text = json.dumps(text)
+    except UnicodeDecodeError:
+        text = "hex:" + m.payload.hex()
+    return f"{m.seq:>8}  {rfc3339(m.time)}  {m.topic}  {m.producer}#{m.producer_seq}  {text}"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sequencer", action="append", metavar="EP",
+                   help="a node's ingress endpoint (repeat for each node)")
+    p.add_argument("--config", help="TOML config file ([plant] section)")
+    p.add_argument("--producer-id", help="stable producer id (default: host name)")
+    p.add_argument("--data", help="plant state directory (outbox, checkpoints)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="plant", description="orbcast plant: publish, tail, replay, status")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    pub = sub.add_parser("publish", help="publish messages; prints each assigned seq")
+    _common(pub)
+    pub.add_argument("topic")
+    pub.add_argument("payload", nargs="?", help="the payload (UTF-8); omit with --stdin")
+    pub.add_argument("--stdin", action="store_true", help="publish one message per input line")
+    pub.add_argument("--timeout", type=float, default=None,
+                     help="give up after S seconds; unacked messages stay in the outbox")
+
+    tail = sub.add_parser("tail", help="print messages as they are sequenced")
+    _common(tail)
+    tail.add_argument("--topic", default="", help="topic prefix")
+    tail.add_argument("--from", dest="start", default="now",
+                      help="now, today, a SEQ, an RFC 3339 TIME, or checkpoint:NAME")
+    tail.add_argument("--format", choices=("text", "jsonl"), default="text")
+    tail.add_argument("--count", type=int, default=None, help="exit after N messages")
+
+    rep = sub.add_parser("replay", help="print a range of the log (the CLI replay tool)")
+    _common(rep)
+    rep.add_argument("--from", dest="from_seq", type=int, default=1, help="first seq (default 1)")
+    rep.add_argument("--to", dest="to_seq", type=int, default=None, help="last seq (inclusive)")
+    rep.add_argument("--since", default=None, help="first record at or after this RFC 3339 time")
+    rep.add_argument("--until", default=None, help="stop before this RFC 3339 time")
+    rep.add_argument("--topic", default="", help="topic prefix")
+    rep.add_argument("--format", choices=("text", "jsonl"), default="jsonl")
+    rep.add_argument("--output", help="write to FILE instead of stdout")
+    rep.add_argument("--follow", action="store_true",
+                     help="after the replay continue with live messages (no seam)")
+    rep.add_argument("--checkpoint", default=None,
+                     help="with --follow: resume from / save to this named checkpoint")
+    rep.add_argument("--timeout", type=float, default=30.0)
+
+    st = sub.add_parser("status", help="the node's role, positions and counters, and this plant's")
+    _common(st)
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--timeout", type=float, default=5.0)
+    return p
+
+
+def _config(a: argparse.Namespace) -> cfgmod.PlantConfig:
+    return cfgmod.load(cfgmod.PlantConfig, a.config, overrides={
+        "sequencers": a.sequencer, "producer_id": a.producer_id, "data": a.data})
+
+
+def _dispatch(a: argparse.Namespace) -> int:
+    setup_logging("debug" if a.debug else "warning")
+    cfg = _config(a)
+    if a.cmd == "publish":
+        return _publish(a, cfg)
+    if a.cmd == "tail":
+        return _tail(a, cfg)
+    if a.cmd == "replay":
+        return _replay(a, cfg)
+    if a.cmd == "status":
+        return _status(a, cfg)
+    return 2
+
+
+def _publish(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
+    if a.stdin == (a.payload is not None):
+        raise ValueError("give a PAYLOAD or --stdin (one message per line), not both")
+    deadline = None if a.timeout is None else time.monotonic() + a.timeout
+    with Plant(cfg, client="plant-cli") as p:
+        if p.outbox_depth:
+            print(f"resending {p.outbox_depth} messages left in the outbox by an earlier run",
+                  file=sys.stderr)
+        lines = (ln.rstrip("\n") for ln in sys.stdin) if a.stdin else iter([a.payload])
+        tickets = []
+        for line in lines:
+            tickets.append(p.publish_nowait(a.topic, line.encode("utf-8")))
+            if len(tickets) >= 1024:   # print as we go for long inputs
+                _print_seqs(tickets[:512], deadline)
+                del tickets[:512]
+        _print_seqs(tickets, deadline)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        p.flush(left)   # also the earlier runs' leftovers
+    return 0
+
+
+def _print_seqs(tickets: list, deadline: float | None) -> None:  # type: ignore[type-arg]
+    for t in tickets:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            print(t.result(left), flush=False)
+        except OrbcastTimeout:
+            raise OrbcastTimeout("timed out waiting for acks; unacked messages stay in the "
+                                 "outbox and are sent by the next run with this producer id") from None
+    sys.stdout.flush()
+
+
+def _start_and_checkpoint(spec: str) -> tuple[Any, str | None]:
+    if spec.startswith("checkpoint:"):
+        name = spec.split(":", 1)[1]
+        return "today", name     # first run of a checkpoint starts at today's start
+    return parse_start(spec), None
+
+
+def _emit(sub: Subscription, out: IO[str], fmt: str, count: int | None = None,
+          progress_total: int | None = None) -> int:
+    n = 0
+    t0 = time.monotonic()
+    last = t0
+    for m in sub:
+        out.write(format_message(m, fmt))
+        out.write("\n")
+        n += 1
+        if count is not None and n >= count:
+            break
+        if progress_total is not None and n % 4096 == 0:
+            now = time.monotonic()
+            if now - last >= PROGRESS_EVERY_S:
+                last = now
+                print(f"replay: {n} records ({n / (now - t0):,.0f}/s), at seq {m.seq}"
+                      + (f" of {progress_total}" if progress_total else ""), file=sys.stderr)
+                out.flush()
+    out.flush()
+    return n
+
+
+def _tail(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
+    start, cp = _start_and_checkpoint(a.start)
+    with Plant(cfg, client="plant-cli") as p:
+        sub = p.subscribe(a.topic, start=start, checkpoint=cp)
+        try:
+            _emit(sub, sys.stdout, a.format, a.count)
+        finally:
+            sub.close()
+    return 0
+
+
+def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
+    since = parse_time(a.since) if a.since else None
+    until = parse_time(a.until) if a.until else None
+    out: IO[str] = open(a.output, "a" if a.follow else "w", encoding="utf-8") if a.output else sys.stdout
+    try:
+        with Plant(cfg, client="plant-cli") as p:
+            if a.follow:
+                if a.to_seq is not None or until is not None:
+                    raise ValueError("--follow cannot be combined with --to or --until")
+                start = parse_start(a.since) if a.since else parse_start(max(a.from_seq, 1))
+                sub = p.subscribe(a.topic, start=start, checkpoint=a.checkpoint)
+                total = None
+            else:
+                sub = p.replay(a.from_seq, a.to_seq, since=since, until=until, topic=a.topic,
+                               timeout=a.timeout)
+                total = sub.tracker.to_seq
+            try:
+                n = _emit(sub, out, a.format, progress_total=total or 0)
+            finally:
+                sub.close()
+            lost = sub.tracker.lost_to_retention
+            if lost:
+                print(f"replay: warning: {lost} records before seq {sub.tracker.next_seq} "
+                      "were already removed by retention", file=sys.stderr)
+            if total and n > 10_000:
+                print(f"replay: {n} records", file=sys.stderr)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def _status(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
+    from sequencer.cli import print_status
+    from .checkpoint import CheckpointStore
+    info: dict[str, Any] = {}
+    for ep in cfg.sequencers:
+        try:
+            rep = request(ep, StatusRequest(rid=1), timeout=a.timeout)
+            info[ep] = rep.info if not isinstance(rep, Error) else {"error": rep.message}
+        except OrbcastTimeout as exc:
+            info[ep] = {"error": str(exc)}
+    local: dict[str, Any] = {"producer_id": cfg.producer_id}
+    data = Path(cfg.data)
+    ob = data / "outbox" / cfg.producer_id
+    if ob.exists():
+        from .outbox import Outbox
+        box = Outbox(ob, max_count=cfg.outbox_max_count, max_bytes=cfg.outbox_max_bytes)
+        local["outbox_depth"] = box.count
+        local["next_producer_seq"] = box.next_pseq
+        box.close()
+    else:
+        local["outbox_depth"] = 0
+    last = max((v.get("last_seq", 0) for v in info.values() if isinstance(v, dict)), default=0)
+    cps = {}
+    cpdir = data / "checkpoints"
+    if cpdir.exists():
+        store = CheckpointStore(cpdir)
+        for name in store.names():
+            pos = store.load(name) or 0
+            cps[name] = {"position": pos, "lag": max(0, last - pos)}
+    local["subscriptions"] = cps
+    result = {"nodes": info, "plant": local}
+    print_status(result, as_json=a.json)
+    reachable = any("error" not in v for v in info.values())
+    return 0 if reachable else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(_parser(), argv, _dispatch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,893 @@
+"""The plant client: publish with an on-disk outbox, subscribe with gap
+repair, late start and checkpoints.
+
+Threads: the application calls :class:`Plant` from any thread; one engine
+thread owns every ZeroMQ socket (a DEALER to the active node's ingress, a SUB
+to each node's egress) and the outbox. Application calls hand work to the
+engine through a deque and wake it with an eventfd; the engine resolves
+futures and fills each subscription's ready queue.
+
+Example::
+
+    with Plant(sequencers=["tcp://127.0.0.1:7400"], producer_id="kitchen") as p:
+        seq = p.publish("sensors/kitchen/temp", b"21.5")
+        for msg in p.subscribe("sensors/", start="today"):
+            print(msg.seq, msg.topic, msg.payload)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import cbor2
+import zmq
+
+from orbcast import envelope as env
+from orbcast.config import PlantConfig
+from orbcast.envelope import (Ack, Batch, Error, Heartbeat, Message, Ping, Pong, Publish,
+                              ReplayChunk, StatusReply, StatusRequest, Welcome, Hello)
+from orbcast.errors import (ClosedError, LocalProtocolError, OrbcastTimeout, OutboxFull,
+                            RemoteProtocolError, ReplayRejected)
+
+from .checkpoint import Checkpointer, CheckpointStore
+from .outbox import Outbox
+from .tracker import Start, Tracker
+
+__all__ = ["Plant", "Subscription", "Ticket", "MemoryOutbox", "parse_start"]
+
+log = logging.getLogger("orbcast.plant")
+
+#: Publish frames in flight to the node at once (each up to MAX_FRAME_ITEMS).
+MAX_INFLIGHT_FRAMES = 16
+#: Messages coalesced into one PUBLISH frame.
+MAX_FRAME_ITEMS = 2048
+#: Bytes of payload coalesced into one PUBLISH frame (under MAX_BODY_BYTES).
+MAX_FRAME_BYTES = 512 * 1024
+#: Submissions queued between the application and the engine before
+#: publish_nowait() blocks the caller (back-pressure, bounded memory).
+MAX_SUBMIT_QUEUE = 65_536
+#: Ceiling of the exponential resend backoff.
+MAX_RESEND_BACKOFF_S = 10.0
+#: Engine poll ceiling: timers are checked at least this often.
+ENGINE_TICK_S = 0.05
+
+
+class MemoryOutbox:
+    """A non-durable outbox with the :class:`~plant.outbox.Outbox` interface.
+
+    For benchmarks and throwaway tools only: messages accepted into it are
+    lost if the process dies before they are acked.
+    """
+
+    def __init__(self, *, max_count: int = 10_000, max_bytes: int = 16 << 20, start_pseq: int = 1) -> None:
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.next_pseq = start_pseq
+        self._p: dict[int, tuple[str, bytes]] = {}
+        self.size = 0
+
+    @property
+    def count(self) -> int:
+        return len(self._p)
+
+    def append(self, items: list[tuple[str, bytes]]) -> list[int]:
+        add = sum(len(t) + len(p) for t, p in items)
+        if len(self._p) + len(items) > self.max_count or self.size + add > self.max_bytes:
+            raise OutboxFull(len(self._p), self.size, self.max_count, self.max_bytes)
+        out = list(range(self.next_pseq, self.next_pseq + len(items)))
+        for ps, it in zip(out, items):
+            self._p[ps] = it
+        self.next_pseq += len(items)
+        self.size += add
+        return out
+
+    def get(self, pseq: int) -> tuple[str, bytes] | None:
+        return self._p.get(pseq)
+
+    def pending(self, limit: int | None = None, *, after: int = 0) -> list[tuple[int, str, bytes]]:
+        out = [(k, t, p) for k, (t, p) in self._p.items() if k > after]
+        return out[:limit] if limit is not None else out
+
+    def ack(self, pseqs: Any) -> int:
+        n = 0
+        for k in pseqs:
+            it = self._p.pop(k, None)
+            if it is not None:
+                self.size -= len(it[0]) + len(it[1])
+                n += 1
+        return n
+
+    def close(self) -> None:
+        pass
+
+
+class Ticket:
+    """Handle of a non-blocking publish.
+
+    ``accepted`` resolves to the producer_seq once the message is durable in
+    the outbox (or fails with :class:`OutboxFull`); ``acked`` resolves to the
+    canonical seq once the sequencer acked it.
+    """
+
+    __slots__ = ("topic", "payload", "accepted", "acked")
+
+    def __init__(self, topic: str, payload: bytes) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.accepted: Future[int] = Future()
+        self.acked: Future[int] = Future()
+
+    def wait_accepted(self, timeout: float | None = None) -> int:
+        """Block until durable in the outbox; returns the producer_seq."""
+        try:
+            return self.accepted.result(timeout)
+        except FutureTimeout:
+            raise OrbcastTimeout("message not accepted into the outbox in time") from None
+
+    def result(self, timeout: float | None = None) -> int:
+        """Block until acked; returns the seq. Raises :class:`OrbcastTimeout`."""
+        try:
+            return self.acked.result(timeout)
+        except FutureTimeout:
+            raise OrbcastTimeout("no ack within the timeout (the message stays in the outbox)") from None
+
+
+def parse_start(spec: str | int | None, *, now_ns: int | None = None) -> Start:
+    """Parse ``now``, ``today``, a seq (``1234``) or an RFC 3339 time.
+
+    ``today`` is the start of the current UTC day.
+    """
+    if spec is None or spec == "now":
+        return Start.now()
+    if isinstance(spec, int):
+        return Start.at_seq(spec)
+    s = spec.strip()
+    if s == "today":
+        now = _dt.datetime.fromtimestamp((now_ns or time.time_ns()) / 1e9, _dt.timezone.utc)
+        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return Start.at_time(int(midnight.timestamp()) * 1_000_000_000)
+    if s.isdigit():
+        return Start.at_seq(int(s))
+    return Start.at_time(parse_time(s))
+
+
+def parse_time(s: str) -> int:
+    """RFC 3339 / ISO 8601 time (naive means UTC) -> ns since the epoch."""
+    try:
+        t = _dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not a seq, 'now', 'today' or an RFC 3339 time: {s!r}") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
+
+
+class Subscription:
+    """Canonical messages in seq order; iterate it, or pass a callback.
+
+    With a ``checkpoint`` name the position is saved (batched) and a restart
+    resumes right after it. Delivery is at-least-once across a crash between
+    processing and the checkpoint write: use ``seq`` as the idempotency key.
+    By default a message counts as processed when the iterator is asked for
+    the next one; with ``auto_ack=False`` call :meth:`ack` yourself.
+    """
+
+    def __init__(self, plant: "Plant", tracker: Tracker, checkpointer: Checkpointer | None,
+                 auto_ack: bool) -> None:
+        self._plant = plant
+        self.tracker = tracker
+        self._cp = checkpointer
+        self._auto = auto_ack
+        self._last: int | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.delivered = 0
+
+    def __iter__(self) -> Iterator[Message]:
+        return self
+
+    def __next__(self) -> Message:
+        m = self.get()
+        if m is None:
+            raise StopIteration
+        return m
+
+    def get(self, timeout: float | None = None) -> Message | None:
+        """The next message, or ``None`` when the subscription is finished or
+        closed. Raises :class:`OrbcastTimeout` if ``timeout`` passes first."""
+        if self._auto and self._last is not None:
+            self.ack(self._last)
+        ready = self.tracker.ready
+        deadline = None if timeout is None else time.monotonic() + timeout
+        cond = self._plant._cond
+        while True:
+            try:
+                m = ready.popleft()
+            except IndexError:
+                if self._closed or self.tracker.finished or self._plant._closed:
+                    if self._cp:
+                        self._cp.flush()
+                    return None
+                if self._cp is not None and self._cp.due(time.monotonic()):
+                    self._cp.flush()          # idle: do not sit on an unsaved position
+                with cond:
+                    if not ready and not self.tracker.finished and not self._closed:
+                        wait = ENGINE_TICK_S * 4
+                        if deadline is not None:
+                            left = deadline - time.monotonic()
+                            if left <= 0:
+                                raise OrbcastTimeout("no message within the timeout")
+                            wait = min(wait, left)
+                        cond.wait(wait)
+                continue
+            if len(ready) < self.tracker.ready_limit // 2 and self.tracker._owed:
+                self._plant._wake()
+            self._last = m.seq
+            self.delivered += 1
+            return m
+
+    def ack(self, seq: int | None = None) -> None:
+        """Mark everything up to ``seq`` (default: the last message returned)
+        processed; the checkpoint is written in batches (see :meth:`flush`)."""
+        seq = self._last if seq is None else seq
+        cp = self._cp
+        if seq is not None and cp is not None and (cp.position is None or seq > cp.position):
+            cp.delivered(seq, time.monotonic())
+
+    def flush(self) -> None:
+        """Write the checkpoint now."""
+        if self._cp is not None:
+            self._cp.flush()
+
+    @property
+    def position(self) -> int | None:
+        """Seq of the last message returned to the application."""
+        return self._last
+
+    def close(self) -> None:
+        """Stop the subscription (flushes its checkpoint)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._plant._unsubscribe(self)
+        if self._cp is not None:
+            if self._auto and self._last is not None:
+                self.ack(self._last)
+            self._cp.flush()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def _run_callback(self, fn: Callable[[Message], Any]) -> None:
+        try:
+            for m in self:
+                fn(m)
+        except Exception:   # the callback's own failure: log, stop this subscription
+            log.exception("subscription callback raised; subscription stopped")
+            self._closed = True
+
+
+class Plant:
+    """A connection to an orbcast cluster. Thread-safe; use as a context manager.
+
+    ``outbox=False`` keeps unacked messages in memory only (benchmarks);
+    ``on_full`` is ``"error"`` (raise :class:`OutboxFull`) or ``"block"``.
+    """
+
+    def __init__(self, config: PlantConfig | None = None, *, outbox: bool = True,
+                 on_full: str = "error", client: str = "orbcast-plant", **overrides: Any) -> None:
+        cfg = config or PlantConfig(**overrides)
+        if config is not None and overrides:
+            cfg = PlantConfig(**{**config.__dict__, **overrides})
+        if on_full not in ("error", "block"):
+            raise LocalProtocolError("on_full must be 'error' or 'block'")
+        self.cfg = cfg
+        self.on_full = on_full
+        self.client = client
+        self._data = Path(cfg.data)
+        self._closed = False
+        self._cond = threading.Condition()
+        self._submit: deque[Ticket] = deque()
+        self._cmds: deque[tuple[str, Any]] = deque()
+        self._rids = itertools.count(1)
+        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._woken = False
+        self._inflight_tickets: dict[int, Ticket] = {}
+        self._blocked: deque[Ticket] = deque()   # waiting for outbox space (on_full="block")
+        self._out_box: Outbox | MemoryOutbox
+        if outbox:
+            self._out_box = Outbox(self._data / "outbox" / cfg.producer_id,
+                                   max_count=cfg.outbox_max_count, max_bytes=cfg.outbox_max_bytes,
+                                   fsync=cfg.fsync)
+        else:
+            self._out_box = MemoryOutbox(max_count=cfg.outbox_max_count, max_bytes=cfg.outbox_max_bytes)
+        self._unsent: deque[int] = deque(p for p, _t, _b in self._out_box.pending())
+        self._inflight: dict[int, tuple[list[int], float, int]] = {}   # rid -> (pseqs, deadline, tries)
+        self._resend_at = 0.0
+        self._backoff = cfg.request_timeout_ms / 1000
+        self._requests: dict[int, tuple[Future[Any], float, Any, bool]] = {}
+        self._subs: list[Subscription] = []
+        self._node: Welcome | None = None
+        self._node_idx = 0
+        self._hello_rid: int | None = None
+        self._hello_at = 0.0
+        self._last_heard = 0.0
+        self._egress_connected: set[str] = set()
+        self.counters = {"published": 0, "acked": 0, "resent": 0, "rejected": 0,
+                         "bad_frames": 0, "batches": 0, "heartbeats": 0}
+        self._ctx = zmq.Context()
+        self._engine = threading.Thread(target=self._run, name="orbcast-plant", daemon=True)
+        self._ready = threading.Event()
+        self._engine_error: BaseException | None = None
+        self._engine.start()
+        self._ready.wait(10)
+
+    # --- public API ------------------------------------------------------------
+
+    @property
+    def producer_id(self) -> str:
+        return self.cfg.producer_id
+
+    def publish(self, topic: str, payload: bytes | str, *, timeout: float | None = None) -> int:
+        """Publish one message and wait for its ack; returns its seq.
+
+        The message is durable in the outbox before anything is sent. On
+        :class:`OrbcastTimeout` it stays in the outbox and is still delivered
+        (now or after a restart); resending is always safe.
+        Raises :class:`OutboxFull` (``on_full="error"``), :class:`OrbcastTimeout`.
+        """
+        t = self.publish_nowait(topic, payload)
+        t.wait_accepted(timeout)
+        return t.result(timeout)
+
+    def publish_nowait(self, topic: str, payload: bytes | str) -> Ticket:
+        """Queue a message and return a :class:`Ticket` at once.
+
+        Messages queued together are written to the outbox with one fsync and
+        coalesced into one frame. Blocks only while more than
+        :data:`MAX_SUBMIT_QUEUE` submissions are waiting for the engine.
+        """
+        self._check_open()
+        if isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        env.check_topic(topic)
+        payload = env.check_payload(payload)
+        t = Ticket(topic, payload)
+        if len(self._submit) >= MAX_SUBMIT_QUEUE:
+            with self._cond:
+                while len(self._submit) >= MAX_SUBMIT_QUEUE and not self._closed:
+                    self._cond.wait(0.1)
+            self._check_open()
+        self._submit.append(t)
+        self._wake()
+        return t
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every message accepted so far is acked.
+        Raises :class:`OrbcastTimeout` (the rest stays in the outbox)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._submit or self._blocked or self._out_box.count:
+                self._check_open()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise OrbcastTimeout(f"{self.outbox_depth} messages not yet acked")
+                self._cond.wait(0.05)
+
+    @property
+    def outbox_depth(self) -> int:
+        """Messages accepted and not yet acked (including queued ones)."""
+        return self._out_box.count + len(self._submit) + len(self._blocked)
+
+    def subscribe(self, prefix: str = "", *, start: str | int | Start | None = None,
+                  checkpoint: str | None = None, callback: Callable[[Message], Any] | None = None,
+                  to_seq: int | None = None, until: int | None = None,
+                  auto_ack: bool = True) -> Subscription:
+        """Subscribe to topics starting with ``prefix``.
+
+        ``start``: ``"now"`` (default), ``"today"``, a seq, an RFC 3339 time,
+        or a :class:`Start`. With ``checkpoint=NAME`` a saved position wins
+        over ``start``. ``to_seq`` makes a bounded subscription that ends
+        after that seq. With ``callback`` a thread calls it for each message.
+        """
+        self._check_open()
+        cp = None
+        if checkpoint is not None:
+            store = CheckpointStore(self._data / "checkpoints")
+            saved = store.load(checkpoint)
+            cp = Checkpointer(store, checkpoint)
+            if saved is not None:
+                start = Start.at_seq(saved + 1)
+        st = start if isinstance(start, Start) else parse_start(start)
+        tr = Tracker(start=st, prefix=prefix, new_rid=self._rid, buffer_limit=self.cfg.gap_buffer,
+                     credit=self.cfg.replay_credit, chunk_records=self.cfg.replay_chunk_records,
+                     request_timeout=self.cfg.request_timeout_ms / 1000, to_seq=to_seq)
+        sub = Subscription(self, tr, cp, auto_ack)
+        self._call("subscribe", sub)
+        if callback is not None:
+            sub._thread = threading.Thread(target=sub._run_callback, args=(callback,),
+                                           name=f"orbcast-sub-{prefix}", daemon=True)
+            sub._thread.start()
+        return sub
+
+    def replay(self, from_seq: int = 1, to_seq: int | None = None, *, since: int | None = None,
+               until: int | None = None, topic: str = "", timeout: float = 30.0) -> Subscription:
+        """A bounded subscription over the log: from ``max(from_seq, first seq
+        at or after since)`` up to ``min(to_seq, the node's newest seq now,
+        last seq before until)``; times are ns since the epoch. Iterate it; it
+        ends by itself. Seqs deleted by retention are skipped and counted in
+        ``tracker.lost_to_retention``."""
+        last = self.node_info(timeout=timeout).last_seq
+        to = last if to_seq is None else min(to_seq, last)
+        if until is not None:
+            to = min(to, self._seq_for_time(until, timeout) - 1)
+        start = max(from_seq, 1)
+        if since is not None:
+            start = max(start, self._seq_for_time(since, timeout))
+        return self.subscribe(topic, start=Start.at_seq(start), to_seq=max(to, start - 1))
+
+    def node_info(self, timeout: float = 10.0) -> Welcome:
+        """The active node's WELCOME (node id, role, epoch, positions)."""
+        f: Future[Any] = self._request(Hello(rid=0, client=self.client), timeout)
+        return f.result()  # type: ignore[no-any-return]
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The node's status map plus this plant's outbox and subscriptions."""
+        rep: StatusReply = self._request(StatusRequest(rid=0), timeout).result()
+        out = dict(rep.info)
+        out["plant"] = self.local_status()
+        return out
+
+    def local_status(self) -> dict[str, Any]:
+        """This plant's own view: outbox depth, subscription positions and lag."""
+        subs = []
+        for s in list(self._subs):
+            st = s.tracker.stats()
+            tail = st["known_tail"]
+            pos = s.position or (st["next_seq"] - 1 if st["next_seq"] else 0)
+            subs.append({"prefix": s.tracker.prefix, "position": pos,
+                         "checkpoint": s._cp.name if s._cp else None,
+                         "lag": max(0, tail - pos), **st})
+        return {"producer_id": self.cfg.producer_id, "outbox_depth": self.outbox_depth,
+                "next_producer_seq": self._out_box.next_pseq, "subscriptions": subs,
+                "counters": dict(self.counters),
+                "node": self._node.node if self._node else None}
+
+    def ping(self, timeout: float = 5.0) -> Pong:
+        """Round trip to the active node."""
+        return self._request(Ping(rid=0), timeout).result()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Stop the engine, flush checkpoints, close sockets and the outbox.
+        Unacked messages stay in the outbox for the next run."""
+        if self._closed:
+            return
+        for s in list(self._subs):
+            s.close()
+        self._closed = True
+        self._wake()
+        self._engine.join(10)
+        with self._cond:
+            self._cond.notify_all()
+        os.close(self._wake_fd)
+
+    def __enter__(self) -> "Plant":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- app-thread helpers --------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._engine_error is not None:
+            raise ClosedError("the plant's engine stopped") from self._engine_error
+        if self._closed:
+            raise ClosedError("plant is closed")
+
+    def _rid(self) -> int:
+        return next(self._rids)
+
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                os.eventfd_write(self._wake_fd, 1)
+            except OSError:
+                pass
+
+    def _call(self, cmd: str, arg: Any) -> None:
+        self._cmds.append((cmd, arg))
+        self._wake()
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        if not self._closed:
+            self._call("unsubscribe", sub)
+
+    def _request(self, ev: Any, timeout: float) -> "_Waiter":
+        self._check_open()
+        f: Future[Any] = Future()
+        self._call("request", (ev, f, time.monotonic() + timeout))
+        return _Waiter(f, timeout)
+
+    def _seq_for_time(self, ns: int, timeout: float) -> int:
+        """First seq at or after ``ns``: an empty time-started replay (to_seq 0)
+        whose first chunk says where that time falls in the log."""
+        sub = self.subscribe("", start=Start.at_time(ns), to_seq=0)
+        try:
+            deadline = time.monotonic() + timeout
+            while sub.tracker.resolved_start is None:
+                self._check_open()
+                if time.monotonic() > deadline:
+                    raise OrbcastTimeout("the node did not answer the time lookup")
+                with self._cond:
+                    self._cond.wait(0.05)
+            return sub.tracker.resolved_start
+        finally:
+            sub.close()
+
+    # --- engine (one thread owns every socket) ---------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._setup()
+            self._ready.set()
+            self._loop()
+        except BaseException as exc:   # surface to callers instead of dying silently
+            self._engine_error = exc
+            log.exception("plant engine stopped")
+            self._ready.set()
+        finally:
+            self._teardown()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _setup(self) -> None:
+        self._dealer: zmq.Socket | None = None
+        self._sub = self._ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.RCVHWM, 10_000)
+        self._sub.setsockopt(zmq.MAXMSGSIZE, 8 * env.MAX_BODY_BYTES)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._poller = zmq.Poller()
+        self._poller.register(self._sub, zmq.POLLIN)
+        self._poller.register(self._wake_fd, zmq.POLLIN)
+        self._connect(self.cfg.sequencers[self._node_idx])
+
+    def _connect(self, ep: str) -> None:
+        if self._dealer is not None:
+            self._poller.unregister(self._dealer)
+            self._dealer.close(0)
+        d = self._ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.setsockopt(zmq.IMMEDIATE, 1)
+        d.setsockopt(zmq.SNDHWM, 1000)
+        d.setsockopt(zmq.MAXMSGSIZE, 8 * env.MAX_BODY_BYTES)
+        d.setsockopt(zmq.RECONNECT_IVL, 100)
+        d.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        d.connect(ep)
+        self._dealer = d
+        self._poller.register(d, zmq.POLLIN)
+        self._hello_rid = None
+        self._hello_at = 0.0
+
+    def _teardown(self) -> None:
+        for s in list(self._subs):
+            if s._cp is not None:
+                try:
+                    s._cp.flush()
+                except Exception:
+                    log.exception("checkpoint flush failed")
+        try:
+            if self._dealer is not None:
+                self._dealer.close(0)
+            self._sub.close(0)
+        except Exception:
+            pass
+        self._ctx.term()
+        self._out_box.close()
+
+    def _loop(self) -> None:
+        poll = self._poller.poll
+        while not self._closed:
+            now = time.monotonic()
+            timeout = self._next_deadline(now) - now
+            events = dict(poll(max(0.0, timeout) * 1000))
+            if self._wake_fd in events:
+                self._woken = False
+                try:
+                    os.eventfd_read(self._wake_fd)
+                except BlockingIOError:
+                    pass
+            now = time.monotonic()
+            self._do_commands(now)
+            self._accept_submissions()
+            if self._dealer in events:
+                self._drain_dealer(now)
+            if self._sub in events:
+                self._drain_sub(now)
+            self._timers(now)
+            self._send_publishes(now)
+            self._send_tracker_actions()
+            if any(s.tracker.ready for s in self._subs):
+                with self._cond:
+                    self._cond.notify_all()
+
+    def _next_deadline(self, now: float) -> float:
+        d = now + ENGINE_TICK_S
+        if self._submit or self._cmds or (self._unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES
+                                          and now >= self._resend_at):
+            return now
+        for s in self._subs:
+            t = s.tracker.deadline()
+            if t is not None and t < d:
+                d = t
+        return d
+
+    def _do_commands(self, now: float) -> None:
+        while self._cmds:
+            cmd, arg = self._cmds.popleft()
+            if cmd == "subscribe":
+                self._subs.append(arg)
+                if self._node is not None and self._node.last_seq:
+                    arg.tracker.on_heartbeat(self._node.last_seq, now)
+                arg.tracker.tick(now)
+            elif cmd == "unsubscribe":
+                if arg in self._subs:
+                    self._subs.remove(arg)
+                    for a in arg.tracker.actions():
+                        self._send(a)
+                    if arg.tracker._rid is not None:
+                        self._send(env.Cancel(rid=arg.tracker._rid))
+            elif cmd == "request":
+                ev, fut, deadline = arg
+                rid = self._rid()
+                ev = type(ev)(**{**{k: getattr(ev, k) for k in ev.__dataclass_fields__}, "rid": rid})
+                self._requests[rid] = (fut, deadline, ev, self._send(ev))
+
+    def _send(self, ev: Any) -> bool:
+        if self._dealer is None:
+            return False
+        try:
+            self._dealer.send_multipart(env.encode(ev), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def _accept_submissions(self) -> None:
+        """Write queued submissions to the outbox (one fsync), then queue them to send."""
+        if self._blocked and self._out_box.count < self._out_box.max_count:
+            self._submit.extendleft(reversed(self._blocked))
+            self._blocked.clear()
+        if not self._submit:
+            return
+        batch: list[Ticket] = []
+        while self._submit and len(batch) < MAX_FRAME_ITEMS * 4:
+            batch.append(self._submit.popleft())
+        if len(batch) and self._submit is not None:
+            with self._cond:
+                self._cond.notify_all()
+        try:
+            pseqs = self._out_box.append([(t.topic, t.payload) for t in batch])
+        except OutboxFull as exc:
+            if self.on_full == "block":
+                self._blocked.extend(batch)
+                return
+            # accept what fits one by one is not worth it: refuse the group
+            for t in batch:
+                t.accepted.set_exception(exc)
+                t.acked.set_exception(exc)
+            return
+        for ps, t in zip(pseqs, batch):
+            self._inflight_tickets[ps] = t
+            t.accepted.set_result(ps)
+        self._unsent.extend(pseqs)
+        self.counters["published"] += len(pseqs)
+
+    def _send_publishes(self, now: float) -> None:
+        if now < self._resend_at:
+            return
+        box = self._out_box
+        while self._unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES:
+            items = []
+            size = 0
+            get = box.get
+            while self._unsent and len(items) < MAX_FRAME_ITEMS and size < MAX_FRAME_BYTES:
+                ps = self._unsent[0]
+                ent = get(ps)
+                self._unsent.popleft()
+                if ent is None:      # acked meanwhile (a late ack of a resend)
+                    continue
+                items.append((ps, ent[0], ent[1]))
+                size += len(ent[1]) + len(ent[0])
+            if not items:
+                break
+            rid = self._rid()
+            frames = [cbor2.dumps([env.VERSION, env.Kind.PUBLISH, rid]),
+                      cbor2.dumps([self.cfg.producer_id, items])]
+            try:
+                self._dealer.send_multipart(frames, zmq.NOBLOCK)  # type: ignore[union-attr]
+            except zmq.Again:       # no connection: retry after the backoff
+                self._unsent.extendleft(reversed([i[0] for i in items]))
+                self._resend_at = now + min(self._backoff, MAX_RESEND_BACKOFF_S)
+                self._backoff = min(self._backoff * 2, MAX_RESEND_BACKOFF_S)
+                return
+            self._inflight[rid] = ([i[0] for i in items], now + self._backoff, 0)
+
+    def _timers(self, now: float) -> None:
+        # publish frames whose ack did not come: resend (dedup makes it safe)
+        if self._inflight:
+            late = [rid for rid, (_p, dl, _n) in self._inflight.items() if now >= dl]
+            if late:
+                again: list[int] = []
+                for rid in late:
+                    pseqs, _dl, _n = self._inflight.pop(rid)
+                    again.extend(pseqs)
+                self.counters["resent"] += len(again)
+                self._unsent.extendleft(sorted(again, reverse=True))
+                self._backoff = min(self._backoff * 2, MAX_RESEND_BACKOFF_S)
+                self._resend_at = now
+                self._maybe_failover(now)
+        # hello / node discovery
+        if self._node is None and now >= self._hello_at:
+            if self._hello_rid is not None:
+                self._maybe_failover(now)
+            self._hello_rid = self._rid()
+            self._send(Hello(rid=self._hello_rid, client=self.client))
+            self._hello_at = now + self._backoff
+        # requests: send those the socket refused earlier; fail them at their deadline
+        for rid, (fut, deadline, ev, sent) in list(self._requests.items()):
+            if now >= deadline:
+                del self._requests[rid]
+                if not fut.done():
+                    fut.set_exception(OrbcastTimeout("the sequencer did not answer in time"))
+            elif not sent and self._send(ev):
+                self._requests[rid] = (fut, deadline, ev, True)
+        for s in self._subs:
+            s.tracker.tick(now)
+
+    def _maybe_failover(self, now: float) -> None:
+        """No answer from the current node: try the next configured one."""
+        if len(self.cfg.sequencers) > 1 and now - self._last_heard > self._backoff:
+            self._node_idx = (self._node_idx + 1) % len(self.cfg.sequencers)
+            self._node = None
+            self._connect(self.cfg.sequencers[self._node_idx])
+            self._unsent.extendleft(sorted((p for r in self._inflight.values() for p in r[0]), reverse=True))
+            self._inflight.clear()
+
+    def _send_tracker_actions(self) -> None:
+        for s in self._subs:
+            for a in s.tracker.actions():
+                self._send(a)
+
+    def _drain_dealer(self, now: float) -> None:
+        d = self._dealer
+        for _ in range(10_000):
+            try:
+                frames = d.recv_multipart(zmq.NOBLOCK)  # type: ignore[union-attr]
+            except zmq.Again:
+                break
+            try:
+                ev = env.decode(frames)
+                self._last_heard = now
+                self._on_reply(ev, now)
+            except RemoteProtocolError as exc:
+                self.counters["bad_frames"] += 1
+                log.warning("bad frame from the sequencer: %s", exc)
+
+    def _on_reply(self, ev: Any, now: float) -> None:
+        t = type(ev)
+        if t is Ack:
+            self._on_ack(ev)
+        elif t is ReplayChunk:
+            msgs = env.decode_records(ev.records)
+            for s in self._subs:
+                s.tracker.on_chunk(ev.rid, ev.start_seq, ev.next_seq, ev.last_seq, ev.done, msgs, now)
+        elif t is Welcome:
+            self._on_welcome(ev, now)
+        elif t is Error:
+            self._on_error(ev, now)
+        else:
+            req = self._requests.pop(ev.rid, None)
+            if req is not None and not req[0].done():
+                req[0].set_result(ev)
+
+    def _on_ack(self, ev: Ack) -> None:
+        fl = self._inflight.pop(ev.rid, None)
+        pairs = ev.pairs
+        acked = pairs[0::2]
+        self._out_box.ack(acked)
+        tickets = self._inflight_tickets
+        for i in range(0, len(pairs), 2):
+            t = tickets.pop(pairs[i], None)
+            if t is not None and not t.acked.done():
+                t.acked.set_result(pairs[i + 1])
+        self.counters["acked"] += len(acked)
+        if fl is not None:
+            self._backoff = self.cfg.request_timeout_ms / 1000
+            self._resend_at = 0.0
+        with self._cond:
+            self._cond.notify_all()
+
+    def _on_welcome(self, ev: Welcome, now: float) -> None:
+        req = self._requests.pop(ev.rid, None)
+        if req is not None and not req[0].done():
+            req[0].set_result(ev)
+        self._node = ev
+        if ev.egress not in self._egress_connected:
+            self._sub.connect(ev.egress)
+            self._egress_connected.add(ev.egress)
+        for s in self._subs:
+            s.tracker.on_heartbeat(ev.last_seq, now)
+
+    def _on_error(self, ev: Error, now: float) -> None:
+        if ev.rid in self._inflight:
+            pseqs, _dl, _n = self._inflight.pop(ev.rid)
+            if ev.code in ("bad-frame", "too-large"):
+                # the node will never take these: fail them instead of looping
+                self.counters["rejected"] += len(pseqs)
+                self._out_box.ack(pseqs)
+                exc = RemoteProtocolError(f"sequencer rejected the message: {ev.message}", code=ev.code)
+                for p in pseqs:
+                    t = self._inflight_tickets.pop(p, None)
+                    if t is not None:
+                        t.acked.set_exception(exc)
+                log.error("sequencer rejected %d messages: %s %s", len(pseqs), ev.code, ev.message)
+            else:
+                self._unsent.extendleft(sorted(pseqs, reverse=True))
+                self._resend_at = now + self._backoff
+            return
+        req = self._requests.pop(ev.rid, None)
+        if req is not None and not req[0].done():
+            req[0].set_exception(ReplayRejected(ev.message, code=ev.code,
+                                                first_available=ev.first_available))
+            return
+        for s in self._subs:
+            s.tracker.on_error(ev.rid, ev.code, ev.first_available, now)
+
+    def _drain_sub(self, now: float) -> None:
+        sub = self._sub
+        subs = self._subs
+        for _ in range(10_000):
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                ev = env.decode(frames)
+                if type(ev) is Batch:
+                    self.counters["batches"] += 1
+                    if subs:
+                        msgs = env.decode_records(ev.records)
+                        if msgs and (msgs[0].seq != ev.first_seq or msgs[-1].seq != ev.last_seq
+                                     or len(msgs) != ev.last_seq - ev.first_seq + 1):
+                            raise RemoteProtocolError("batch records do not match its head")
+                        for s in subs:
+                            s.tracker.on_batch(ev.first_seq, ev.last_seq, msgs, now)
+                elif type(ev) is Heartbeat:
+                    self.counters["heartbeats"] += 1
+                    for s in subs:
+                        s.tracker.on_heartbeat(ev.last_seq, now)
+            except RemoteProtocolError as exc:
+                self.counters["bad_frames"] += 1
+                log.warning("bad frame on egress: %s", exc)
+
+
+class _Waiter:
+    def __init__(self, fut: Future[Any], timeout: float) -> None:
+        self.fut = fut
+        self.timeout = timeout
+
+    def result(self) -> Any:
+        try:
+            return self.fut.result(self.timeout + 1)
+        except FutureTimeout:
+            raise OrbcastTimeout("the sequencer did not answer in time") from None

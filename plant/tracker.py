@@ -1,0 +1,331 @@
+"""The subscription tracker: gap detection, gap repair and late start.
+
+Sans-I/O (STYLE.md section 1): the plant's engine feeds it live batches,
+heartbeats, replay chunks and errors with the current (monotonic) time, asks
+it for the requests to send with :meth:`Tracker.actions`, and hands the
+messages in :attr:`Tracker.ready` to the application. No sockets, no clock,
+no logging here.
+
+Theory of operation
+-------------------
+The tracker expects ``next_seq``. It learns the stream from two sources:
+
+* **live batches** ``first..last`` from the PUB socket, which may be lost
+  silently (ZeroMQ drops at the high-water mark, the slow-joiner window, a
+  Wi-Fi outage);
+* **replay chunks** from the node's log, asked for explicitly.
+
+A live batch that starts at ``next_seq`` (or overlaps it) is delivered. One
+that starts above it is a **gap**: the batch is buffered (bounded by
+``buffer_limit`` records; past that it is dropped and fetched later) and a
+replay of exactly ``next_seq .. first_buffered - 1`` is requested. A
+heartbeat whose ``last_seq`` is at or above ``next_seq`` is a gap at the
+tail (the batch was lost): a replay up to that seq is requested. Chunks are
+delivered in order; when the replay is done the buffer is drained. Only one
+replay is in flight per subscription; it is retried (new request id, with
+exponential backoff) when no chunk arrives within ``request_timeout``.
+
+**Late start** is the same mechanism: a subscription starting at seq *S*
+simply has ``next_seq = S``, so the first live batch is a gap that replay
+fills; a start by time asks the node which seq that is (``since``). Live
+traffic is buffered meanwhile, so the seam has no gap and no duplicate.
+
+Flow control: the node sends a chunk only against credit. The tracker grants
+credit while the application's ready queue has room for another chunk, so a
+slow consumer is never flooded; live batches arriving while the ready queue
+is full are dropped (and fetched later by replay).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from orbcast.envelope import Cancel, Credit, Message, ReplayRequest
+
+__all__ = ["Tracker", "Start"]
+
+#: Backoff ceiling for replay retries when the node does not answer.
+MAX_RETRY_BACKOFF_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Where a subscription starts: ``Start.now()``, ``Start.at_seq(n)``
+    (deliver from seq n), ``Start.at_time(ns)`` (first record at or after)."""
+
+    kind: str
+    value: int = 0
+
+    @classmethod
+    def now(cls) -> "Start":
+        return cls("now")
+
+    @classmethod
+    def at_seq(cls, seq: int) -> "Start":
+        if seq < 1:
+            raise ValueError("a start seq is >= 1")
+        return cls("seq", seq)
+
+    @classmethod
+    def at_time(cls, ns: int) -> "Start":
+        return cls("time", ns)
+
+
+class Tracker:
+    """One subscription's position, gap buffer, replay cursor and ready queue.
+
+    ``prefix`` filters what reaches :attr:`ready` (seq continuity is tracked
+    over every seq regardless). ``new_rid()`` allocates request ids.
+    """
+
+    def __init__(self, *, start: Start, prefix: str = "", new_rid: Callable[[], int],
+                 buffer_limit: int = 20_000, ready_limit: int = 65_536, credit: int = 4,
+                 chunk_records: int = 4096, request_timeout: float = 2.0,
+                 to_seq: int | None = None) -> None:
+        self.prefix = prefix
+        self._new_rid = new_rid
+        self.buffer_limit = buffer_limit
+        self.ready_limit = ready_limit
+        self.credit = credit
+        self.chunk_records = chunk_records
+        self.request_timeout = request_timeout
+        #: Stop after this seq (bounded replays); None follows live forever.
+        self.to_seq = to_seq
+        self.ready: deque[Message] = deque()
+        self.next_seq: int | None = start.value if start.kind == "seq" else None
+        self._since: int | None = start.value if start.kind == "time" else None
+        self.known_tail = 0                   # highest seq known to exist
+        #: For a start by time: the seq the node resolved it to.
+        self.resolved_start: int | None = None
+        self._buf: list[tuple[int, int, list[Message]]] = []   # (first, last, matching msgs)
+        self._buf_n = 0                       # records covered by the buffer
+        # replay in flight
+        self._rid: int | None = None
+        self._outstanding = 0                 # chunks granted and not yet received
+        self._owed = 0                        # credit withheld while ready is full
+        self._deadline = 0.0
+        self._backoff = request_timeout
+        self._retry_at = 0.0
+        self._out: list[object] = []
+        # counters
+        self.gaps = 0
+        self.repaired = 0
+        self.buffer_hwm = 0
+        self.dropped_live = 0
+        self.replays = 0
+        self.retries = 0
+        self.lost_to_retention = 0
+        self.live_delivered = 0
+
+    # --- inputs --------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """True once a bounded subscription delivered up to ``to_seq``."""
+        return self.to_seq is not None and self.next_seq is not None and self.next_seq > self.to_seq
+
+    def on_batch(self, first: int, last: int, msgs: list[Message], now: float) -> None:
+        """A live batch (records ``first..last``, all of them, decoded)."""
+        if last > self.known_tail:
+            self.known_tail = last
+        if self.next_seq is None:
+            if self._since is not None:      # waiting for the time lookup: buffer
+                self._buffer(first, last, msgs)
+                return
+            self.next_seq = first            # "now": the stream starts here
+        if last < self.next_seq or self.finished:
+            return
+        if first <= self.next_seq:
+            if len(self.ready) >= self.ready_limit:
+                self.dropped_live += 1       # consumer is slow: fetch it later
+                return
+            n0 = len(self.ready)
+            self._deliver(msgs, self.next_seq)
+            self.live_delivered += len(self.ready) - n0
+            self.next_seq = last + 1
+            self._drain_buffer()
+        else:
+            self._buffer(first, last, msgs)
+        self._maybe_request(now)
+
+    def on_heartbeat(self, last_seq: int, now: float) -> None:
+        """The node's newest seq is ``last_seq`` (a tail gap if we lack it)."""
+        if last_seq > self.known_tail:
+            self.known_tail = last_seq
+        if self.next_seq is None and self._since is None:
+            self.next_seq = last_seq + 1     # "now" with an idle stream
+        self._maybe_request(now)
+
+    def on_chunk(self, rid: int, start_seq: int, next_seq: int, last_seq: int, done: bool,
+                 msgs: list[Message], now: float) -> None:
+        """A replay chunk for request ``rid`` (ignored if stale)."""
+        if rid != self._rid:
+            return
+        if last_seq > self.known_tail:
+            self.known_tail = last_seq
+        if self.next_seq is None:            # start-by-time: the node told us where
+            self.next_seq = self.resolved_start = start_seq
+            self._since = None
+        if start_seq > self.next_seq:        # we missed a chunk: start over
+            self._reset_replay(now, cancel=True)
+            self._maybe_request(now)
+            return
+        n0 = len(self.ready)
+        self._deliver(msgs, self.next_seq)
+        self.repaired += len(self.ready) - n0
+        if next_seq > self.next_seq:
+            self.next_seq = next_seq
+        if self.to_seq is not None and self.next_seq > self.to_seq + 1:
+            self.next_seq = self.to_seq + 1
+        self._outstanding -= 1
+        self._deadline = now + self.request_timeout
+        self._backoff = self.request_timeout
+        self._drain_buffer()
+        if done:
+            self._rid = None
+            self._outstanding = 0
+            self._owed = 0
+        else:
+            self._grant(1)
+        self._maybe_request(now)
+
+    def on_error(self, rid: int, code: str, first_available: int | None, now: float) -> None:
+        """The node refused replay ``rid``."""
+        if rid != self._rid:
+            return
+        self._reset_replay(now, cancel=False)
+        if code == "gone" and first_available and self.next_seq is not None \
+                and first_available > self.next_seq:
+            self.lost_to_retention += first_available - self.next_seq
+            self.next_seq = first_available
+            self._retry_at = now
+        self._maybe_request(now)
+
+    def consumed(self, now: float) -> None:
+        """The application took messages from :attr:`ready`: maybe grant credit."""
+        if self._owed and len(self.ready) < self.ready_limit // 2:
+            n, self._owed = self._owed, 0
+            self._grant(n)
+        self._maybe_request(now)
+
+    def tick(self, now: float) -> None:
+        """Check timers (replay timeout, retry backoff)."""
+        if self._rid is not None and now >= self._deadline:
+            self.retries += 1
+            self._reset_replay(now, cancel=True)
+        self._maybe_request(now)
+
+    def actions(self) -> list[object]:
+        """Requests to send (``ReplayRequest``, ``Credit``, ``Cancel``)."""
+        out, self._out = self._out, []
+        return out
+
+    def deadline(self) -> float | None:
+        """When :meth:`tick` next needs to run."""
+        if self._rid is not None:
+            return self._deadline
+        if len(self.ready) >= self.ready_limit:
+            return None                       # consumed() wakes us
+        if self._gap_exists():
+            return self._retry_at
+        return None
+
+    def stats(self) -> dict[str, int]:
+        return {"next_seq": self.next_seq or 0, "known_tail": self.known_tail,
+                "gaps": self.gaps, "repaired": self.repaired, "buffer_hwm": self.buffer_hwm,
+                "dropped_live": self.dropped_live, "replays": self.replays,
+                "replay_retries": self.retries, "lost_to_retention": self.lost_to_retention,
+                "ready": len(self.ready)}
+
+    # --- internals -------------------------------------------------------------
+
+    def _deliver(self, msgs: Iterable[Message], from_seq: int) -> None:
+        prefix = self.prefix
+        to = self.to_seq
+        ready = self.ready
+        for m in msgs:
+            if m.seq < from_seq:
+                continue
+            if to is not None and m.seq > to:
+                break
+            if not prefix or m.topic.startswith(prefix):
+                ready.append(m)
+
+    def _buffer(self, first: int, last: int, msgs: list[Message]) -> None:
+        n = last - first + 1
+        if self._buf_n + n > self.buffer_limit or len(self.ready) >= self.ready_limit:
+            self.dropped_live += 1           # fetched later by replay
+            return
+        if self.prefix:
+            msgs = [m for m in msgs if m.topic.startswith(self.prefix)]
+        i = bisect.bisect(self._buf, (first,))
+        self._buf.insert(i, (first, last, msgs))
+        self._buf_n += n
+        if self._buf_n > self.buffer_hwm:
+            self.buffer_hwm = self._buf_n
+
+    def _drain_buffer(self) -> None:
+        buf = self._buf
+        while buf and self.next_seq is not None and buf[0][0] <= self.next_seq:
+            first, last, msgs = buf.pop(0)
+            self._buf_n -= last - first + 1
+            if last >= self.next_seq:
+                self._deliver(msgs, self.next_seq)
+                self.next_seq = last + 1
+
+    def _gap_exists(self) -> bool:
+        if self.next_seq is None:
+            return self._since is not None
+        if self.finished:
+            return False
+        if self._buf:
+            return True
+        tail = self.known_tail if self.to_seq is None else min(self.known_tail, self.to_seq)
+        return tail >= self.next_seq
+
+    def _maybe_request(self, now: float) -> None:
+        if self._rid is not None or not self._gap_exists() or now < self._retry_at:
+            return
+        if len(self.ready) >= self.ready_limit:
+            return                            # resume when the app catches up
+        if self.next_seq is None:             # start by time
+            req = ReplayRequest(rid=self._new_rid(), from_seq=1, since=self._since,
+                                to_seq=self.to_seq, topic=self.prefix, credit=self.credit,
+                                max_records=self.chunk_records)
+        else:
+            to = self._buf[0][0] - 1 if self._buf else None
+            if self.to_seq is not None:
+                to = self.to_seq if to is None else min(to, self.to_seq)
+            if to is not None and to < self.next_seq:
+                return
+            self.gaps += 1
+            req = ReplayRequest(rid=self._new_rid(), from_seq=self.next_seq, to_seq=to,
+                                topic=self.prefix, credit=self.credit,
+                                max_records=self.chunk_records)
+        self.replays += 1
+        self._rid = req.rid
+        self._outstanding = self.credit
+        self._owed = 0
+        self._deadline = now + self.request_timeout
+        self._out.append(req)
+
+    def _grant(self, n: int) -> None:
+        if self._rid is None:
+            return
+        if len(self.ready) + self.chunk_records > self.ready_limit:
+            self._owed += n
+            return
+        self._outstanding += n
+        self._out.append(Credit(rid=self._rid, credit=n))
+
+    def _reset_replay(self, now: float, *, cancel: bool) -> None:
+        if cancel and self._rid is not None:
+            self._out.append(Cancel(rid=self._rid))
+        self._rid = None
+        self._outstanding = 0
+        self._owed = 0
+        self._retry_at = now + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_RETRY_BACKOFF_S)

@@ -1,0 +1,293 @@
+"""The sequencing core: deduplicate, stamp, and release after durability.
+
+Sans-I/O (STYLE.md section 1): no sockets, no clock, no files, no logging.
+The driver feeds it decoded PUBLISH frames with the current time and the
+ZeroMQ route they came from, takes the stamped records to write to the log,
+and tells it when they are durable; only then does the core hand back the
+egress batches and the acks. Nothing is published or acknowledged before
+the point of no return (STYLE.md section 5).
+
+Theory of operation
+-------------------
+``publish(route, rid, producer, items, now)``
+    For each ``(producer_seq, topic, payload)``: if the dedup table knows the
+    pair, the original seq is acked again (after it is durable); otherwise
+    the next seq is assigned, the record encoded once (the same bytes go to
+    the log, the egress batch and replays) and queued as *unwritten*.
+``take_unwritten()``
+    The records the driver must append to the log, in seq order.
+``durable(upto_seq)``
+    Everything up to ``upto_seq`` is on disk (and, with a standby, held by
+    it). Returns the egress batches and the acks that may now leave.
+
+The dedup table is keyed by ``(producer_id, producer_seq)`` with no time
+window; see :class:`DedupTable` for how it stays bounded in memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import cbor2
+
+from orbcast.envelope import (MAX_BATCH_RECORDS, MAX_BODY_BYTES, cbor_text, encode_record)
+from orbcast.errors import RemoteProtocolError
+
+__all__ = ["DedupTable", "SequencerCore", "Released", "UNKNOWN_OLD"]
+
+#: Runs of (producer_seq -> seq) remembered per producer. A run is a stretch
+#: of consecutive producer seqs that got consecutive seqs (one publish frame
+#: usually makes one run), so 1024 runs cover at least 1024 and usually far
+#: more recent messages per producer: more than a plant's outbox can hold
+#: unacked. Older pairs are found by scanning the log (rare, counted).
+MAX_RUNS_PER_PRODUCER = 1024
+#: Bytes of record bodies per egress batch (stay well under a plant's
+#: 1 MiB body limit with room for the envelope).
+MAX_EGRESS_BATCH_BYTES = MAX_BODY_BYTES - 64 * 1024
+#: Topic encodings cached by the hot path; bounded so a producer cycling
+#: through unique topics cannot grow the cache without limit.
+TOPIC_CACHE_SIZE = 4096
+
+#: Returned by :meth:`DedupTable.lookup` when the pair is older than the
+#: in-memory window: the caller must consult the log.
+UNKNOWN_OLD = -1
+
+
+class _Producer:
+    __slots__ = ("hi", "floor", "starts", "seqs", "counts", "enc")
+
+    def __init__(self, pid: str) -> None:
+        self.hi = -1            # highest producer_seq sequenced
+        self.floor = 0          # pairs below floor may exist but were evicted
+        self.starts: list[int] = []
+        self.seqs: list[int] = []
+        self.counts: list[int] = []
+        self.enc = cbor_text(pid)
+
+
+class DedupTable:
+    """Maps ``(producer_id, producer_seq)`` to the seq it was given.
+
+    Memory is bounded per producer by :data:`MAX_RUNS_PER_PRODUCER`; pairs
+    below a producer's ``floor`` were evicted and :meth:`lookup` answers
+    :data:`UNKNOWN_OLD` for them so the driver can search the log.
+    """
+
+    def __init__(self) -> None:
+        self._p: dict[str, _Producer] = {}
+
+    def __len__(self) -> int:
+        return len(self._p)
+
+    def producer(self, pid: str) -> _Producer:
+        p = self._p.get(pid)
+        if p is None:
+            p = self._p[pid] = _Producer(pid)
+        return p
+
+    def lookup(self, pid: str, pseq: int) -> int | None:
+        """The seq of the pair, ``None`` if never sequenced, or
+        :data:`UNKNOWN_OLD` if it is below the remembered window."""
+        p = self._p.get(pid)
+        if p is None or pseq > p.hi:
+            return None
+        if pseq < p.floor:
+            return UNKNOWN_OLD
+        i = bisect.bisect_right(p.starts, pseq) - 1
+        if i >= 0 and pseq < p.starts[i] + p.counts[i]:
+            return p.seqs[i] + (pseq - p.starts[i])
+        return None
+
+    def record(self, pid: str, pseq: int, seq: int) -> None:
+        """Remember that ``(pid, pseq)`` was given ``seq``."""
+        self._record(self.producer(pid), pseq, seq)
+
+    @staticmethod
+    def _record(p: _Producer, pseq: int, seq: int) -> None:
+        if pseq > p.hi:
+            if p.starts:
+                i = len(p.starts) - 1
+                n = p.counts[i]
+                if p.starts[i] + n == pseq and p.seqs[i] + n == seq:
+                    p.counts[i] = n + 1
+                    p.hi = pseq
+                    return
+            p.starts.append(pseq)
+            p.seqs.append(seq)
+            p.counts.append(1)
+            p.hi = pseq
+        else:  # a late, out-of-order producer seq (a hole being filled)
+            i = bisect.bisect_right(p.starts, pseq)
+            p.starts.insert(i, pseq)
+            p.seqs.insert(i, seq)
+            p.counts.insert(i, 1)
+        if len(p.starts) > MAX_RUNS_PER_PRODUCER:
+            drop = len(p.starts) - MAX_RUNS_PER_PRODUCER
+            del p.starts[:drop], p.seqs[:drop], p.counts[:drop]
+            p.floor = p.starts[0]
+
+    def snapshot(self, covered_seq: int) -> bytes:
+        """Serialise the table; ``covered_seq`` is the last seq it reflects."""
+        return cbor2.dumps({"v": 1, "seq": covered_seq, "producers": {
+            pid: [p.hi, p.floor, p.starts, p.seqs, p.counts] for pid, p in self._p.items()}})
+
+    @classmethod
+    def restore(cls, blob: bytes) -> tuple["DedupTable", int]:
+        """Inverse of :meth:`snapshot`; returns ``(table, covered_seq)``.
+        Raises ``ValueError`` on any damage."""
+        try:
+            d = cbor2.loads(blob)
+            if d["v"] != 1:
+                raise ValueError("unsupported dedup snapshot version")
+            t = cls()
+            for pid, (hi, floor, starts, seqs, counts) in d["producers"].items():
+                p = t.producer(pid)
+                if not (len(starts) == len(seqs) == len(counts)):
+                    raise ValueError("inconsistent runs")
+                p.hi, p.floor = int(hi), int(floor)
+                p.starts, p.seqs, p.counts = list(starts), list(seqs), list(counts)
+            return t, int(d["seq"])
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"damaged dedup snapshot: {exc}") from exc
+
+
+@dataclass(slots=True)
+class Released:
+    """What may leave the node once records are durable."""
+
+    #: Egress batches: (first_seq, last_seq, [record bodies]).
+    batches: list[tuple[int, int, list[bytes]]] = field(default_factory=list)
+    #: Acks: (route, rid, [pseq0, seq0, pseq1, seq1, ...]).
+    acks: list[tuple[bytes, int, list[int]]] = field(default_factory=list)
+
+
+class SequencerCore:
+    """Assigns gap-free seqs from ``last_seq + 1`` and releases acks and
+    egress batches only for durable records.
+
+    ``last_seq`` / ``last_time`` come from the log at start; ``epoch`` is the
+    leadership term stamped on every record and ack.
+    """
+
+    def __init__(self, *, last_seq: int, last_time: int, epoch: int, dedup: DedupTable) -> None:
+        self.epoch = epoch
+        self.dedup = dedup
+        self.next_seq = last_seq + 1       # next seq to assign
+        self.durable_seq = last_seq        # everything <= this is durable
+        self.last_time = last_time
+        self._unwritten: list[tuple[int, int, bytes]] = []
+        self._undurable: list[bytes] = []           # bodies with seq > durable_seq
+        self._acks: list[tuple[int, bytes, int, list[int]]] = []   # (need_seq, route, rid, pairs)
+        self._topics: dict[str, bytes] = {}
+        #: counters (read by the driver)
+        self.sequenced = 0
+        self.duplicates = 0
+
+    @property
+    def last_seq(self) -> int:
+        """The newest assigned seq (durable or not)."""
+        return self.next_seq - 1
+
+    def publish(self, route: bytes, rid: int, producer: str,
+                items: Sequence[tuple[int, str, bytes]], now: int,
+                old_lookup: "callable[[str, int], int | None] | None" = None) -> None:  # type: ignore[valid-type]
+        """Sequence one PUBLISH frame's items. ``now`` is ns since the epoch.
+
+        ``old_lookup(producer, pseq)`` answers for pairs older than the dedup
+        window (the driver searches the log); without it they are refused.
+        """
+        p = self.dedup.producer(producer)
+        t = now if now > self.last_time else self.last_time
+        self.last_time = t
+        seq = self.next_seq
+        epoch = self.epoch
+        topics = self._topics
+        pairs: list[int] = []
+        unwritten = self._unwritten
+        undurable = self._undurable
+        need = 0
+        record = DedupTable._record
+        lookup = self.dedup.lookup
+        for pseq, topic, payload in items:
+            if pseq <= p.hi:
+                old = lookup(producer, pseq)
+                if old == UNKNOWN_OLD:
+                    if old_lookup is None:
+                        raise RemoteProtocolError("producer_seq is older than the dedup window",
+                                                  code="too-old")
+                    old = old_lookup(producer, pseq)
+                if old is not None:
+                    self.duplicates += 1
+                    pairs.append(pseq)
+                    pairs.append(old)
+                    if old > need:
+                        need = old
+                    continue
+            tenc = topics.get(topic)
+            if tenc is None:
+                if len(topics) >= TOPIC_CACHE_SIZE:
+                    topics.clear()
+                tenc = topics[topic] = cbor_text(topic)
+            body = encode_record(seq, epoch, t, p.enc, pseq, tenc, payload)
+            unwritten.append((seq, t, body))
+            undurable.append(body)
+            record(p, pseq, seq)
+            pairs.append(pseq)
+            pairs.append(seq)
+            need = seq
+            seq += 1
+        self.sequenced += seq - self.next_seq
+        self.next_seq = seq
+        self._acks.append((need, route, rid, pairs))
+
+    def take_unwritten(self) -> list[tuple[int, int, bytes]]:
+        """Records assigned since the last call, for the log: ``(seq, time, body)``."""
+        out, self._unwritten = self._unwritten, []
+        return out
+
+    @property
+    def has_unwritten(self) -> bool:
+        return bool(self._unwritten)
+
+    @property
+    def has_waiting(self) -> bool:
+        """True if acks or records wait for :meth:`durable`."""
+        return bool(self._acks) or bool(self._undurable)
+
+    def durable(self, upto_seq: int) -> Released:
+        """Records ``<= upto_seq`` are durable: release their batches and acks."""
+        out = Released()
+        if upto_seq > self.last_seq:
+            raise ValueError(f"durable({upto_seq}) beyond last assigned seq {self.last_seq}")
+        n = upto_seq - self.durable_seq
+        if n > 0:
+            bodies = self._undurable[:n]
+            del self._undurable[:n]
+            first = self.durable_seq + 1
+            start = 0
+            size = 0
+            for i, b in enumerate(bodies):
+                size += len(b)
+                if i > start and (i - start >= MAX_BATCH_RECORDS or size > MAX_EGRESS_BATCH_BYTES):
+                    out.batches.append((first + start, first + i - 1, bodies[start:i]))
+                    start, size = i, len(b)
+            out.batches.append((first + start, upto_seq, bodies[start:]))
+            self.durable_seq = upto_seq
+        acks = self._acks
+        k = 0
+        while k < len(acks) and acks[k][0] <= upto_seq:
+            _, route, rid, pairs = acks[k]
+            out.acks.append((route, rid, pairs))
+            k += 1
+        if k:
+            del acks[:k]
+        return out
+
+    def rebuild_dedup(self, records: Iterable[tuple[str, int, int]]) -> None:
+        """Feed ``(producer, producer_seq, seq)`` of logged records (start-up)."""
+        for pid, pseq, seq in records:
+            self.dedup.record(pid, pseq, seq)
