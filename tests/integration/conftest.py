@@ -1,0 +1,215 @@
+"""Fixtures for integration tests: real processes on loopback.
+
+Ports are random, below 32768 (a ZeroMQ peer reconnecting to a dead node's
+port inside the ephemeral range can end up connected to itself). Every
+process started here is reaped at teardown, killed if it has to be. Waiting
+is done on conditions with deadlines (a PING handshake, a line in a file, a
+process exit), never with a bare sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from orbcast.rpc import wait_ready
+from sequencer.log import LogStore
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def free_port() -> int:
+    """A random loopback port in 20000-32000 that is free right now."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll ``cond`` until true or fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A child process whose output goes to a file; always reaped."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log_path = log
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.p: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "Proc":
+        fh = open(self.log_path, "ab")
+        self.p = subprocess.Popen(self.args, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
+                                  cwd=ROOT, start_new_session=True)
+        fh.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.p is not None
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p is not None and self.p.poll() is None
+
+    def kill9(self) -> None:
+        if self.alive():
+            os.kill(self.pid, signal.SIGKILL)
+            self.p.wait(10)  # type: ignore[union-attr]
+
+    def terminate(self, timeout: float = 15) -> int:
+        if self.alive():
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                return self.p.wait(timeout)  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                self.kill9()
+                pytest.fail(f"{self.args[:4]} did not stop within {timeout} s of SIGTERM")
+        return self.p.returncode if self.p else 0  # type: ignore[return-value]
+
+    def wait(self, timeout: float) -> int:
+        assert self.p is not None
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+            pytest.fail(f"{' '.join(self.args[2:5])} did not finish within {timeout} s; "
+                        f"log:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class Node:
+    """A sequencer node process that can be killed and restarted on its data."""
+
+    def __init__(self, tmp: Path, name: str = "seq", env: dict[str, str] | None = None,
+                 extra: list[str] | None = None) -> None:
+        self.data = tmp / name
+        self.ingress = f"tcp://127.0.0.1:{free_port()}"
+        self.egress = f"tcp://127.0.0.1:{free_port()}"
+        self.env = env or {}
+        self.extra = extra or []
+        self.log = tmp / f"{name}.log"
+        self.proc: Proc | None = None
+
+    def start(self, timeout: float = 20) -> "Node":
+        self.proc = Proc([PY, "-m", "sequencer", "run", "--data", str(self.data),
+                          "--ingress", self.ingress, "--egress", self.egress,
+                          "--node-id", self.data.name, *self.extra], self.log, self.env).start()
+        try:
+            wait_ready(self.ingress, timeout=timeout)
+        except Exception:
+            pytest.fail(f"sequencer did not start:\n{self.proc.output()[-3000:]}")
+        return self
+
+    def kill9(self) -> None:
+        if self.proc:
+            self.proc.kill9()
+
+    def stop(self) -> int:
+        return self.proc.terminate() if self.proc else 0
+
+    def records(self) -> list[tuple[int, str, int]]:
+        """(seq, producer, producer_seq) of every record in the log (node stopped)."""
+        from orbcast.envelope import decode_record
+        store = LogStore(self.data / "log")
+        try:
+            return [(s, m.producer, m.producer_seq)
+                    for s, _t, b in store.iter_records(1) for m in [decode_record(b)]]
+        finally:
+            store.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[list[Proc]]:
+    """Collects every Proc/Node started in a test and reaps them at the end."""
+    started: list = []
+    yield started
+    for p in started:
+        try:
+            if isinstance(p, Node):
+                p.kill9()
+            else:
+                p.kill9()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, procs: list) -> Callable[..., Node]:
+    def make(name: str = "seq", **kw: object) -> Node:
+        n = Node(tmp_path, name, **kw)  # type: ignore[arg-type]
+        procs.append(n)
+        return n
+    return make
+
+
+def plant_proc(tmp_path: Path, procs: list, role: str, name: str, node: Node, *args: str,
+               data: Path | None = None) -> Proc:
+    """Start ``python -m tests.integration.procs ROLE`` writing to ``<name>.out``."""
+    out = tmp_path / f"{name}.out"
+    p = Proc([PY, "-m", "tests.integration.procs", role, "--sequencer", node.ingress,
+              "--producer-id", name, "--data", str(data or tmp_path / f"plant-{name}"),
+              "--out", str(out), *args], tmp_path / f"{name}.log").start()
+    procs.append(p)
+    return p
+
+
+def read_out(path: Path) -> dict[str, list]:
+    """Parse a procs.py output file: A/K/D/S/F/R lines."""
+    res: dict[str, list] = {"A": [], "K": [], "D": [], "S": [], "F": [], "R": []}
+    if not path.exists():
+        return res
+    import json
+    # only newline-terminated lines count: a killed process may leave a cut
+    # line ("A 12" cut to "A 1") that must not be read as a different fact
+    for line in path.read_text().split("\n")[:-1]:
+        parts = line.split(" ", 1)
+        tag = parts[0]
+        if tag not in res or (len(parts) == 1 and tag != "F"):
+            continue
+        rest = parts[1] if len(parts) > 1 else ""
+        try:
+            if tag == "A":
+                res["A"].append(int(rest))
+            elif tag == "K":
+                ps, s = rest.split()
+                res["K"].append((int(ps), int(s)))
+            elif tag == "D":
+                s, prod, ps = rest.split()
+                res["D"].append((int(s), prod, int(ps)))
+            elif tag == "S":
+                res["S"].append(json.loads(rest))
+            elif tag == "R":
+                res["R"].append(int(rest))
+            else:
+                res["F"].append(True)
+        except ValueError:
+            continue   # the last line of a killed process may be cut short
+    return res

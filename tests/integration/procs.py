@@ -1,0 +1,114 @@
+"""Child-process entry points for the integration tests.
+
+Run as ``python -m tests.integration.procs ROLE ...``. Every process writes
+what it did to a file, one line per fact, flushed as it goes, so a test can
+read it even after a ``kill -9``:
+
+publisher: ``A pseq`` when publish accepted a message into the outbox,
+           ``K pseq seq`` when its ack arrived, ``F`` when all were acked,
+           ``R n`` at start when an earlier run left n messages in the outbox.
+consumer:  ``D seq producer pseq`` per delivered message, and a final
+           ``S {json tracker stats}`` line when it stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from orbcast.config import PlantConfig
+from orbcast.errors import OrbcastTimeout
+from plant.client import Plant
+
+
+def _cfg(a: argparse.Namespace) -> PlantConfig:
+    return PlantConfig(sequencers=a.sequencer, producer_id=a.producer_id, data=a.data,
+                       request_timeout_ms=a.request_timeout_ms)
+
+
+def publisher(a: argparse.Namespace) -> int:
+    """Publish ``count`` messages as fast as the outbox and window allow,
+    logging accepts and acks; used by throughput-style tests."""
+    out = open(a.out, "a", buffering=1 << 16)
+    with Plant(_cfg(a), on_full="block") as p:
+        if p.outbox_depth:
+            out.write(f"R {p.outbox_depth}\n")
+        tickets = []
+        for i in range(a.count):
+            tickets.append(p.publish_nowait(a.topic, f"{a.producer_id}:{i}".encode()))
+            if len(tickets) >= a.batch:
+                _drain(out, tickets)
+                tickets = []
+                if a.rate:
+                    time.sleep(a.batch / a.rate)   # load shaping, not synchronisation
+        _drain(out, tickets)
+        p.flush(a.flush_timeout)
+        out.write("F\n")
+        out.flush()
+    out.close()
+    return 0
+
+
+def _drain(out, tickets) -> None:  # type: ignore[no-untyped-def]
+    for t in tickets:
+        out.write(f"A {t.wait_accepted(120)}\n")
+    out.flush()
+    for t in tickets:
+        out.write(f"K {t.accepted.result()} {t.result(300)}\n")
+
+
+def consumer(a: argparse.Namespace) -> int:
+    out = open(a.out, "a", buffering=1 << 16)
+    with Plant(_cfg(a)) as p:
+        start = a.start if not a.start.isdigit() else int(a.start)
+        sub = p.subscribe(a.topic, start=start, checkpoint=a.checkpoint)
+        n = 0
+        while a.count is None or n < a.count:
+            try:
+                m = sub.get(timeout=a.idle_timeout)
+            except OrbcastTimeout:
+                break
+            if m is None:
+                break
+            out.write(f"D {m.seq} {m.producer} {m.producer_seq}\n")
+            n += 1
+            if a.slow and n % 100 == 0:
+                time.sleep(a.slow)
+            if a.stop_at and m.seq >= a.stop_at:
+                break
+            if n % 1000 == 0:
+                out.flush()
+        sub.close()
+        out.write("S " + json.dumps({**sub.tracker.stats(), "delivered": n}) + "\n")
+        out.flush()
+    out.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("role", choices=["publisher", "consumer"])
+    ap.add_argument("--sequencer", action="append", required=True)
+    ap.add_argument("--producer-id", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--topic", default="t/a")
+    ap.add_argument("--count", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--rate", type=float, default=0)
+    ap.add_argument("--flush-timeout", type=float, default=300)
+    ap.add_argument("--start", default="1")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--idle-timeout", type=float, default=120)
+    ap.add_argument("--slow", type=float, default=0)
+    ap.add_argument("--stop-at", type=int, default=0)
+    ap.add_argument("--request-timeout-ms", type=int, default=500)
+    a = ap.parse_args(argv)
+    return {"publisher": publisher, "consumer": consumer}[a.role](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
