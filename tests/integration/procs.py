@@ -30,34 +30,45 @@ def _cfg(a: argparse.Namespace) -> PlantConfig:
 
 
 def publisher(a: argparse.Namespace) -> int:
-    """Publish ``count`` messages as fast as the outbox and window allow,
-    logging accepts and acks; used by throughput-style tests."""
+    """Publish ``count`` messages in groups of ``batch`` (each group is
+    waited for until accepted into the outbox, then logged as ``A``); acks
+    are logged as ``K`` as they arrive. ``window`` bounds the unacked
+    tickets; ``rate`` shapes the load (messages per second)."""
     out = open(a.out, "a", buffering=1 << 16)
     with Plant(_cfg(a), on_full="block") as p:
         if p.outbox_depth:
             out.write(f"R {p.outbox_depth}\n")
-        tickets = []
-        for i in range(a.count):
-            tickets.append(p.publish_nowait(a.topic, f"{a.producer_id}:{i}".encode()))
-            if len(tickets) >= a.batch:
-                _drain(out, tickets)
-                tickets = []
-                if a.rate:
-                    time.sleep(a.batch / a.rate)   # load shaping, not synchronisation
-        _drain(out, tickets)
+        unacked: list = []
+        i = 0
+        while i < a.count:
+            group = [p.publish_nowait(a.topic, f"{a.producer_id}:{j}".encode())
+                     for j in range(i, min(i + a.batch, a.count))]
+            i += len(group)
+            for t in group:
+                out.write(f"A {t.wait_accepted(120)}\n")
+            out.flush()
+            unacked.extend(group)
+            unacked = _report_acks(out, unacked, block=len(unacked) > a.window)
+            if a.rate:
+                time.sleep(len(group) / a.rate)   # load shaping, not synchronisation
         p.flush(a.flush_timeout)
+        _report_acks(out, unacked, block=True)
         out.write("F\n")
         out.flush()
     out.close()
     return 0
 
 
-def _drain(out, tickets) -> None:  # type: ignore[no-untyped-def]
+def _report_acks(out, tickets: list, *, block: bool) -> list:  # type: ignore[no-untyped-def]
+    """Log ``K`` for acked tickets; with ``block`` wait for all of them."""
+    keep = []
     for t in tickets:
-        out.write(f"A {t.wait_accepted(120)}\n")
+        if block or t.acked.done():
+            out.write(f"K {t.accepted.result()} {t.result(300)}\n")
+        else:
+            keep.append(t)
     out.flush()
-    for t in tickets:
-        out.write(f"K {t.accepted.result()} {t.result(300)}\n")
+    return keep
 
 
 def consumer(a: argparse.Namespace) -> int:
@@ -99,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=None)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--rate", type=float, default=0)
+    ap.add_argument("--window", type=int, default=4096)
     ap.add_argument("--flush-timeout", type=float, default=300)
     ap.add_argument("--start", default="1")
     ap.add_argument("--checkpoint", default=None)
