@@ -480,7 +480,7 @@ class LogStore:
     def append(self, records: Sequence[Record]) -> None:
         """Write ``records`` after the last one: one ``os.write`` per segment touched.
 
-        Seqs must be ``last_seq + 1, + 2, ...`` (an empty log starts at 1), times
+        Seqs must be ``last_seq + 1, + 2, ...`` (an empty log starts at any seq >= 1), times
         non-decreasing and at least ``last_time``, bodies bytes-like and at most
         ``MAX_BODY_SIZE`` bytes. The records are *not* durable until :meth:`sync`
         returns. When a record's UTC day is later than the newest segment's, that
@@ -494,6 +494,10 @@ class LogStore:
         """
         self._check_writable()
         expect, prev_t = self.last_seq + 1, self.last_time
+        if self.last_seq == 0 and records and records[0][0] >= 1:
+            # an empty log may start anywhere: a standby seeded from an active
+            # node whose retention already removed the first days
+            expect = records[0][0]
         for i, rec in enumerate(records):
             seq, t, body = rec
             if seq != expect:

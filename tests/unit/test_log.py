@@ -205,12 +205,20 @@ def test_append_rejects_a_bad_batch_and_writes_nothing(tmp_path: Path) -> None:
             log.truncate_after(-1)
 
 
-def test_an_empty_log_starts_at_seq_1(tmp_path: Path) -> None:
+def test_an_empty_log_starts_at_any_seq_then_stays_gap_free(tmp_path: Path) -> None:
+    """A standby seeded from a node whose retention removed the first days
+    starts its log at that node's first seq; after that, no gaps."""
     with open_log(tmp_path) as log:
-        with pytest.raises(LocalProtocolError):
-            log.append([(2, DAY1, b"x")])
-        assert list(tmp_path.iterdir()) == []
         assert log.seq_for_time(DAY1) == 1
+        with pytest.raises(LocalProtocolError):
+            log.append([(0, DAY1, b"x")])
+        log.append([(500, DAY1, b"x"), (501, DAY1, b"y")])
+        with pytest.raises(LocalProtocolError):
+            log.append([(503, DAY1, b"z")])
+        log.sync()
+        assert (log.first_seq, log.last_seq) == (500, 501)
+    with open_log(tmp_path) as log:
+        assert [r[0] for r in log.read(1)] == [500, 501]
 
 
 def test_config_is_checked(tmp_path: Path) -> None:
