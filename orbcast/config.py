@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import socket
 import tomllib
@@ -71,8 +72,26 @@ class SequencerConfig:
     #: Egress endpoint to announce to plants; defaults to ``egress`` (with
     #: a wildcard host replaced by this host's name).
     advertise_egress: str = ""
-    #: Role at start: "primary" or "standby" (hot standby arrives with HA).
+    #: Ingress endpoint to announce to plants (after a failover they switch
+    #: to it); defaults to ``ingress``.
+    advertise_ingress: str = ""
+    #: Preferred role: "primary" or "standby". Only the first start uses it;
+    #: afterwards a node resumes the role it last had (no automatic fail-back).
     role: str = "primary"
+    #: ROUTER endpoint this node binds for its peer (the other node of the pair).
+    peer: str = "tcp://127.0.0.1:7402"
+    #: The other node's peer endpoint. Empty: a single node, no hot standby.
+    peer_connect: str = ""
+    #: Silence of the active node after which plants and the standby may fail over.
+    failover_ms: int = 500
+    #: Silence of an in-sync standby after which the active node serves alone
+    #: (degraded). Must exceed 2 x failover_ms: a standby that has been out of
+    #: contact this long is no longer eligible for promotion.
+    solo_after_ms: int = 2000
+    #: Stall (no acks) rather than serve without an in-sync standby.
+    require_standby: bool = False
+    #: Allow test-only fault injection commands over ingress.
+    faults: bool = False
     #: Egress heartbeat period; plants detect tail gaps from heartbeats.
     heartbeat_ms: int = 100
     #: fsync the log before acking (turn off only for throwaway benchmarks).
@@ -103,6 +122,21 @@ class SequencerConfig:
         if self.role not in ("primary", "standby"):
             raise ConfigError("role must be 'primary' or 'standby'", field="sequencer.role")
         _check_range(self, "heartbeat_ms", 10, 60_000)
+        _check_range(self, "failover_ms", 20, 600_000)
+        _check_range(self, "solo_after_ms", 40, 3_600_000)
+        if self.failover_ms < 2 * self.heartbeat_ms:
+            raise ConfigError(f"failover_ms ({self.failover_ms}) must be at least 2 x heartbeat_ms "
+                              f"({self.heartbeat_ms}), or one late heartbeat triggers a failover",
+                              field="sequencer.failover_ms")
+        if self.solo_after_ms < 2 * self.failover_ms:
+            raise ConfigError(f"solo_after_ms ({self.solo_after_ms}) must be at least 2 x failover_ms "
+                              f"({self.failover_ms}): the standby's promotion window closes then",
+                              field="sequencer.solo_after_ms")
+        if self.peer_connect:
+            _check_endpoint(self, "peer")
+            _check_endpoint(self, "peer_connect")
+        if self.advertise_ingress:
+            _check_endpoint(self, "advertise_ingress")
         _check_range(self, "retention_days", 1, 36_500)
         _check_range(self, "max_drain", 1, 100_000)
         _check_range(self, "replay_chunk_records", 1, 16384)
@@ -111,12 +145,16 @@ class SequencerConfig:
         _check_range(self, "egress_hwm", 1, 10_000_000)
         if not 0.0 <= self.fault_drop_egress < 1.0:
             raise ConfigError("fault_drop_egress must be in [0, 1)", field="sequencer.fault_drop_egress")
-        if self.replay_idle_s <= 0:
-            raise ConfigError("replay_idle_s must be positive", field="sequencer.replay_idle_s")
-        if self.security not in ("none", "ratchet"):
-            raise ConfigError("security must be 'none' or 'ratchet'", field="sequencer.security")
+        if not (type(self.replay_idle_s) in (int, float) and 0 < self.replay_idle_s < math.inf):
+            raise ConfigError("replay_idle_s must be a positive finite number of seconds",
+                              field="sequencer.replay_idle_s")
+        if self.security != "none":
+            # link security (issue 5) is not wired into the transport yet: refuse
+            # rather than serve cleartext on a public address
+            raise ConfigError("only security = \"none\" (loopback) is implemented so far",
+                              field="sequencer.security")
         if self.security == "none":
-            for name in ("ingress", "egress"):
+            for name in ("ingress", "egress") + (("peer",) if self.peer_connect else ()):
                 if not is_loopback_endpoint(getattr(self, name)):
                     raise ConfigError(
                         f"refusing to bind {getattr(self, name)} without link security: "
@@ -124,6 +162,15 @@ class SequencerConfig:
                         "(protected mode, see docs/security.md)", field=f"sequencer.{name}")
         if not self.node_id or len(self.node_id) > 64:
             raise ConfigError("node_id must be 1-64 characters", field="sequencer.node_id")
+
+    @property
+    def announced_ingress(self) -> str:
+        """The ingress endpoint plants are told about."""
+        ep = self.advertise_ingress or self.ingress
+        host = endpoint_host(ep)
+        if host in ("*", "0.0.0.0", "::"):
+            ep = ep.replace(host, socket.gethostname(), 1)
+        return ep
 
     @property
     def announced_egress(self) -> str:
@@ -216,10 +263,13 @@ def _coerce(value: Any, ftype: Any, fname: str, source: str) -> Any:
                 return False
             raise ValueError(f"not a boolean: {value!r}")
         if t == "int":
-            if isinstance(value, bool):
-                raise ValueError("not an integer")
+            # no bools, and no floats: int(100.9) would silently become 100
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ValueError(f"not an integer: {value!r}")
             return int(value)
         if t == "float":
+            if isinstance(value, bool):
+                raise ValueError(f"not a number: {value!r}")
             return float(value)
         if t == "list[str]":
             if isinstance(value, str):
@@ -230,7 +280,7 @@ def _coerce(value: Any, ftype: Any, fname: str, source: str) -> Any:
         if not isinstance(value, str):
             raise ValueError("not a string")
         return value
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"bad value: {exc}", field=fname, source=source) from None
 
 
@@ -276,7 +326,7 @@ def load(cls: type[T], path: str | os.PathLike[str] | None = None, *,
         if v is None:
             continue
         if k not in fields:
-            raise ConfigError(f"unknown setting {k!r}", field=f"{section}.{k}")
+            raise ConfigError(f"unknown setting {k!r}", field=f"{section}.{k}", source="command line")
         values[k] = v
         sources[k] = "command line"
     try:

@@ -38,7 +38,7 @@ from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 __all__ = [
     "VERSION", "Kind", "Message", "Hello", "Welcome", "Publish", "Ack", "ReplayRequest",
     "Credit", "Cancel", "ReplayChunk", "StatusRequest", "StatusReply", "Ping", "Pong",
-    "Error", "Batch", "Heartbeat", "encode", "decode", "encode_record", "decode_record",
+    "Error", "Batch", "Heartbeat", "Admin", "encode", "decode", "encode_record", "decode_record",
     "batch_frames", "decode_records", "check_topic", "check_payload", "check_producer_id",
     "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "MAX_PAYLOAD_BYTES", "MAX_TOPIC_BYTES",
     "MAX_PRODUCER_ID_BYTES", "MAX_PUBLISH_ITEMS", "MAX_SEQ",
@@ -83,6 +83,7 @@ class Kind:
     CANCEL = 5
     STATUS = 6
     PING = 7
+    ADMIN = 8
     WELCOME = 16
     ACK = 17
     REPLAY_CHUNK = 18
@@ -186,10 +187,17 @@ class Hello:
 
     rid: int
     client: str = ""
+    #: The plant cannot reach the active node (the Binary Star vote).
+    vote: bool = False
+    #: The highest leadership epoch the plant has seen.
+    epoch: int = 0
 
     def __post_init__(self) -> None:
         _uint(self.rid, "rid", LocalProtocolError)
         _text(self.client, "client", LocalProtocolError)
+        _uint(self.epoch, "epoch", LocalProtocolError)
+        if type(self.vote) is not bool:
+            raise LocalProtocolError("vote must be a bool")
 
 
 @dataclass(**_EV)
@@ -211,10 +219,13 @@ class Welcome:
     peer_egress: str | None = None
     heartbeat_ms: int = 100
     max_body: int = MAX_BODY_BYTES
+    #: With a hot standby: how long the active node may be silent before
+    #: plants report it unreachable to the standby (0 = single node).
+    failover_ms: int = 0
 
     def __post_init__(self) -> None:
         e = LocalProtocolError
-        for n in ("rid", "epoch", "first_seq", "last_seq", "heartbeat_ms", "max_body"):
+        for n in ("rid", "epoch", "first_seq", "last_seq", "heartbeat_ms", "max_body", "failover_ms"):
             _uint(getattr(self, n), n, e)
         for n in ("node", "role", "egress"):
             _text(getattr(self, n), n, e)
@@ -403,7 +414,8 @@ class Error:
     def __post_init__(self) -> None:
         _uint(self.rid, "rid", LocalProtocolError)
         _text(self.code, "code", LocalProtocolError)
-        _text(self.message[:MAX_TEXT_BYTES], "message", LocalProtocolError)
+        msg = self.message
+        _text(msg[:MAX_TEXT_BYTES] if type(msg) is str else msg, "message", LocalProtocolError)
         _uint(self.first_available, "first_available", LocalProtocolError, optional=True)
 
 
@@ -433,16 +445,35 @@ class Heartbeat:
     node: str
     role: str
     time: int
+    #: The node's ingress endpoint, so plants can switch to it after a failover.
+    ingress: str | None = None
 
     def __post_init__(self) -> None:
         for n in ("epoch", "last_seq", "time"):
             _uint(getattr(self, n), n, LocalProtocolError)
         _text(self.node, "node", LocalProtocolError)
         _text(self.role, "role", LocalProtocolError)
+        _text(self.ingress, "ingress", LocalProtocolError, optional=True)
+
+
+@dataclass(**_EV)
+class Admin:
+    """Operator -> node: ``promote``, ``demote`` (and test-only fault
+    injection when the node runs with ``faults = true``). Answered by a
+    :class:`StatusReply` or an :class:`Error`."""
+
+    rid: int
+    command: str
+    arg: int = 0
+
+    def __post_init__(self) -> None:
+        _uint(self.rid, "rid", LocalProtocolError)
+        _text(self.command, "command", LocalProtocolError)
+        _uint(self.arg, "arg", LocalProtocolError)
 
 
 Event = (Hello | Welcome | Publish | Ack | ReplayRequest | Credit | Cancel | ReplayChunk
-         | StatusRequest | StatusReply | Ping | Pong | Error | Batch | Heartbeat)
+         | StatusRequest | StatusReply | Ping | Pong | Error | Batch | Heartbeat | Admin)
 
 
 # --- canonical records ------------------------------------------------------
@@ -581,14 +612,23 @@ def encode(ev: Event) -> list[bytes]:
     elif t is Heartbeat:
         head = [VERSION, Kind.HEARTBEAT, ev.epoch, ev.last_seq]
         body = {"node": ev.node, "role": ev.role, "time": ev.time}
+        if ev.ingress is not None:
+            body["ingress"] = ev.ingress
     elif t is Hello:
         head, body = [VERSION, Kind.HELLO, ev.rid], {"client": ev.client}
+        if ev.vote or ev.epoch:
+            body["vote"] = ev.vote
+            body["epoch"] = ev.epoch
+    elif t is Admin:
+        head, body = [VERSION, Kind.ADMIN, ev.rid], {"command": ev.command, "arg": ev.arg}
     elif t is Welcome:
         head = [VERSION, Kind.WELCOME, ev.rid]
         body = {"node": ev.node, "role": ev.role, "epoch": ev.epoch, "first_seq": ev.first_seq,
                 "last_seq": ev.last_seq, "egress": ev.egress, "peer_ingress": ev.peer_ingress,
                 "peer_egress": ev.peer_egress, "heartbeat_ms": ev.heartbeat_ms,
                 "max_body": ev.max_body}
+        if ev.failover_ms:
+            body["failover_ms"] = ev.failover_ms
     elif t is ReplayRequest:
         head = [VERSION, Kind.REPLAY, ev.rid]
         body = {"from": ev.from_seq, "to": ev.to_seq, "since": ev.since, "until": ev.until,
@@ -622,7 +662,7 @@ def encode(ev: Event) -> list[bytes]:
 # (kind -> number of head elements after version and kind)
 _HEAD_ARITY = {
     Kind.HELLO: 1, Kind.PUBLISH: 1, Kind.REPLAY: 1, Kind.CREDIT: 1, Kind.CANCEL: 1,
-    Kind.STATUS: 1, Kind.PING: 1, Kind.WELCOME: 1, Kind.ACK: 2, Kind.REPLAY_CHUNK: 6,
+    Kind.STATUS: 1, Kind.PING: 1, Kind.ADMIN: 1, Kind.WELCOME: 1, Kind.ACK: 2, Kind.REPLAY_CHUNK: 6,
     Kind.STATUS_REPLY: 1, Kind.PONG: 1, Kind.ERROR: 1, Kind.BATCH: 3, Kind.HEARTBEAT: 2,
 }
 
@@ -642,8 +682,9 @@ def decode_head(head: bytes) -> list[Any]:
         raise RemoteProtocolError(f"unknown message kind {kind!r:.20}", code="unknown-kind")
     if len(h) != 2 + arity:
         raise RemoteProtocolError(f"kind {kind} head must have {2 + arity} elements")
-    for v in h[2:]:
-        if not (_is_uint(v) or (kind == Kind.REPLAY_CHUNK and type(v) is bool)):
+    ints = h[2:7] if kind == Kind.REPLAY_CHUNK else h[2:]   # a chunk's last field is 'done'
+    for v in ints:
+        if not _is_uint(v):
             raise RemoteProtocolError("head fields must be unsigned integers")
     if kind == Kind.REPLAY_CHUNK and type(h[7]) is not bool:
         raise RemoteProtocolError("replay chunk 'done' must be a bool")
@@ -703,6 +744,7 @@ def decode(frames: Sequence[bytes]) -> Event:
         if type(raw) is not list or not 0 < len(raw) <= MAX_PUBLISH_ITEMS:
             raise RemoteProtocolError(f"publish must carry 1-{MAX_PUBLISH_ITEMS} items")
         items = []
+        total = 0
         for it in raw:
             if type(it) is not list or len(it) != 3:
                 raise RemoteProtocolError("publish item must be [producer_seq, topic, payload]")
@@ -711,7 +753,14 @@ def decode(frames: Sequence[bytes]) -> Event:
                 raise RemoteProtocolError("producer_seq must be an unsigned integer")
             check_topic(topic, remote=True)
             check_payload(payload, remote=True)
+            total += len(payload)
             items.append((pseq, topic, payload))
+        if total > len(body_b):
+            # Only CBOR value sharing / string references (tags 28/29, 25/256) can
+            # make payloads add up to more than the frame: a 300 KB frame could
+            # otherwise expand to 2 GiB of records in the sequencer.
+            raise RemoteProtocolError("publish payloads are larger than the frame "
+                                      "(shared references are not allowed)")
         return Publish(rid=rid, producer=pid, items=tuple(items))
     if kind == Kind.ACK:
         if type(body) is not list or len(body) % 2 or len(body) > 2 * MAX_PUBLISH_ITEMS:
@@ -721,21 +770,30 @@ def decode(frames: Sequence[bytes]) -> Event:
                 raise RemoteProtocolError("ack values must be unsigned integers")
         return Ack(rid=rid, epoch=h[3], pairs=tuple(body))
     if kind == Kind.HEARTBEAT:
-        m = _map(body, {"node": ("text", True), "role": ("text", True), "time": ("uint", True)})
-        return Heartbeat(epoch=h[2], last_seq=h[3], node=m["node"], role=m["role"], time=m["time"])
+        m = _map(body, {"node": ("text", True), "role": ("text", True), "time": ("uint", True),
+                        "ingress": ("text", False)})
+        return Heartbeat(epoch=h[2], last_seq=h[3], node=m["node"], role=m["role"], time=m["time"],
+                         ingress=m["ingress"])
     if kind == Kind.HELLO:
-        m = _map(body, {"client": ("text", False)})
-        return Hello(rid=rid, client=m["client"] or "")
+        m = _map(body, {"client": ("text", False), "epoch": ("uint", False)})
+        vote = body.get("vote", False)
+        if type(vote) is not bool:
+            raise RemoteProtocolError("vote must be a bool")
+        return Hello(rid=rid, client=m["client"] or "", vote=vote, epoch=m["epoch"] or 0)
+    if kind == Kind.ADMIN:
+        m = _map(body, {"command": ("text", True), "arg": ("uint", False)})
+        return Admin(rid=rid, command=m["command"], arg=m["arg"] or 0)
     if kind == Kind.WELCOME:
         m = _map(body, {"node": ("text", True), "role": ("text", True), "epoch": ("uint", True),
                         "first_seq": ("uint", True), "last_seq": ("uint", True),
                         "egress": ("text", True), "peer_ingress": ("text", False),
                         "peer_egress": ("text", False), "heartbeat_ms": ("uint", True),
-                        "max_body": ("uint", True)})
+                        "max_body": ("uint", True), "failover_ms": ("uint", False)})
         return Welcome(rid=rid, node=m["node"], role=m["role"], epoch=m["epoch"],
                        first_seq=m["first_seq"], last_seq=m["last_seq"], egress=m["egress"],
                        peer_ingress=m["peer_ingress"], peer_egress=m["peer_egress"],
-                       heartbeat_ms=m["heartbeat_ms"], max_body=m["max_body"])
+                       heartbeat_ms=m["heartbeat_ms"], max_body=m["max_body"],
+                       failover_ms=m["failover_ms"] or 0)
     if kind == Kind.REPLAY:
         m = _map(body, {"from": ("uint", False), "to": ("uint", False), "since": ("uint", False),
                         "until": ("uint", False), "topic": ("text", False),

@@ -317,11 +317,17 @@ class Plant:
         self._requests: dict[int, tuple[Future[Any], float, Any, bool]] = {}
         self._subs: list[Subscription] = []
         self._node: Welcome | None = None
-        self._node_idx = 0
         self._hello_rid: int | None = None
         self._hello_at = 0.0
         self._last_heard = 0.0
         self._egress_connected: set[str] = set()
+        # failover (hot standby): what the plant knows of the nodes
+        self._current_ep = cfg.sequencers[0]
+        self._known_eps: list[str] = list(cfg.sequencers)   # ingress endpoints
+        self._max_epoch = 0
+        self._active_seen = 0.0            # last heartbeat of the active node
+        self._failover_s = 0.0             # 0: single node, never vote
+        self._next_vote = 0.0
         self.counters = {"published": 0, "acked": 0, "resent": 0, "rejected": 0,
                          "bad_frames": 0, "batches": 0, "heartbeats": 0}
         self._ctx = zmq.Context()
@@ -560,7 +566,7 @@ class Plant:
         self._poller = zmq.Poller()
         self._poller.register(self._sub, zmq.POLLIN)
         self._poller.register(self._wake_fd, zmq.POLLIN)
-        self._connect(self.cfg.sequencers[self._node_idx])
+        self._connect(self._current_ep)
 
     def _connect(self, ep: str) -> None:
         if self._dealer is not None:
@@ -637,7 +643,10 @@ class Plant:
             cmd, arg = self._cmds.popleft()
             if cmd == "subscribe":
                 self._subs.append(arg)
-                if self._node is not None and self._node.last_seq:
+                # a start at a seq or time may begin its replay now; a "now"
+                # start waits for the first live heartbeat or batch
+                if (arg.tracker.next_seq is not None and self._node is not None
+                        and self._node.last_seq):
                     arg.tracker.on_heartbeat(self._node.last_seq, now)
                 arg.tracker.tick(now)
             elif cmd == "unsubscribe":
@@ -741,8 +750,18 @@ class Plant:
             if self._hello_rid is not None:
                 self._maybe_failover(now)
             self._hello_rid = self._rid()
-            self._send(Hello(rid=self._hello_rid, client=self.client))
+            self._send(Hello(rid=self._hello_rid, client=self.client, epoch=self._max_epoch))
             self._hello_at = now + self._backoff
+        # the active node went silent: tell another node (the Binary Star vote)
+        if (self._failover_s and now - self._active_seen > self._failover_s
+                and now >= self._next_vote and len(self._known_eps) > 1):
+            others = [e for e in self._known_eps if e != self._current_ep]
+            target = others[0] if others else self._current_ep
+            self._switch(target, now)
+            self._hello_rid = self._rid()
+            self._send(Hello(rid=self._hello_rid, client=self.client, vote=True,
+                             epoch=self._max_epoch))
+            self._next_vote = now + self._failover_s
         # requests: send those the socket refused earlier; fail them at their deadline
         for rid, (fut, deadline, ev, sent) in list(self._requests.items()):
             if now >= deadline:
@@ -754,14 +773,36 @@ class Plant:
         for s in self._subs:
             s.tracker.tick(now)
 
-    def _maybe_failover(self, now: float) -> None:
-        """No answer from the current node: try the next configured one."""
-        if len(self.cfg.sequencers) > 1 and now - self._last_heard > self._backoff:
-            self._node_idx = (self._node_idx + 1) % len(self.cfg.sequencers)
-            self._node = None
-            self._connect(self.cfg.sequencers[self._node_idx])
-            self._unsent.extendleft(sorted((p for r in self._inflight.values() for p in r[0]), reverse=True))
-            self._inflight.clear()
+    def _maybe_failover(self, now: float, force: bool = False) -> None:
+        """No answer from the current node: try the next known one."""
+        if len(self._known_eps) > 1 and (force or now - self._last_heard > self._backoff):
+            i = self._known_eps.index(self._current_ep) if self._current_ep in self._known_eps else -1
+            self._switch(self._known_eps[(i + 1) % len(self._known_eps)], now)
+
+    def _switch(self, ep: str, now: float) -> None:
+        """Point the DEALER at another node: resend what was in flight (dedup
+        keeps it exactly once) and restart replays there."""
+        if ep == self._current_ep:
+            return
+        log.info("switching to sequencer node %s", ep)
+        self._current_ep = ep
+        if ep not in self._known_eps:
+            self._known_eps.append(ep)
+        self._node = None
+        self._connect(ep)
+        self._unsent.extendleft(sorted((p for r in self._inflight.values() for p in r[0]), reverse=True))
+        self._inflight.clear()
+        self._backoff = self.cfg.request_timeout_ms / 1000
+        self._resend_at = 0.0
+        for s in self._subs:
+            s.tracker.restart_replay(now)
+
+    def _learn(self, ingress: str | None, egress: str | None) -> None:
+        if ingress and ingress not in self._known_eps:
+            self._known_eps.append(ingress)
+        if egress and egress not in self._egress_connected:
+            self._sub.connect(egress)
+            self._egress_connected.add(egress)
 
     def _send_tracker_actions(self) -> None:
         for s in self._subs:
@@ -821,14 +862,40 @@ class Plant:
         req = self._requests.pop(ev.rid, None)
         if req is not None and not req[0].done():
             req[0].set_result(ev)
+        if ev.epoch > self._max_epoch:
+            self._max_epoch = ev.epoch
+        self._learn(None, ev.egress)
+        self._learn(ev.peer_ingress, ev.peer_egress)
+        if ev.failover_ms:
+            self._failover_s = ev.failover_ms / 1000
+        if ev.role != "active":
+            # a standby (or a node still starting): publish to the active one
+            if ev.peer_ingress and ev.peer_ingress != self._current_ep and not self._failover_due(now):
+                self._switch(ev.peer_ingress, now)
+            return
+        if ev.epoch < self._max_epoch:
+            return
         self._node = ev
-        if ev.egress not in self._egress_connected:
-            self._sub.connect(ev.egress)
-            self._egress_connected.add(ev.egress)
+        self._active_seen = now
         for s in self._subs:
-            s.tracker.on_heartbeat(ev.last_seq, now)
+            if s.tracker.next_seq is not None:
+                s.tracker.on_heartbeat(ev.last_seq, now)
+
+    def _failover_due(self, now: float) -> bool:
+        return bool(self._failover_s) and now - self._active_seen > self._failover_s
 
     def _on_error(self, ev: Error, now: float) -> None:
+        if ev.code == "not-active":
+            # the node we talk to is a standby: retry on the other node
+            self._node = None
+            if ev.rid in self._inflight:
+                pseqs, _dl, _n = self._inflight.pop(ev.rid)
+                self._unsent.extendleft(sorted(pseqs, reverse=True))
+            if not self._failover_due(now):
+                self._maybe_failover(now, force=True)
+            for s in self._subs:
+                s.tracker.on_error(ev.rid, ev.code, None, now)
+            return
         if ev.rid in self._inflight:
             pseqs, _dl, _n = self._inflight.pop(ev.rid)
             if ev.code in ("bad-frame", "too-large"):
@@ -865,15 +932,25 @@ class Plant:
                 ev = env.decode(frames)
                 if type(ev) is Batch:
                     self.counters["batches"] += 1
+                    if ev.epoch < self._max_epoch:
+                        self.counters["stale_epoch"] = self.counters.get("stale_epoch", 0) + 1
+                        continue                  # a deposed leader: ignore
+                    self._max_epoch = ev.epoch
                     if subs:
                         msgs = env.decode_records(ev.records)
-                        if msgs and (msgs[0].seq != ev.first_seq or msgs[-1].seq != ev.last_seq
-                                     or len(msgs) != ev.last_seq - ev.first_seq + 1):
+                        if (len(msgs) != ev.last_seq - ev.first_seq + 1 or msgs[0].seq != ev.first_seq
+                                or msgs[-1].seq != ev.last_seq):
                             raise RemoteProtocolError("batch records do not match its head")
                         for s in subs:
                             s.tracker.on_batch(ev.first_seq, ev.last_seq, msgs, now)
                 elif type(ev) is Heartbeat:
                     self.counters["heartbeats"] += 1
+                    if ev.epoch < self._max_epoch or ev.role != "active":
+                        continue                  # only the active node's position counts
+                    self._max_epoch = ev.epoch
+                    self._active_seen = now
+                    if ev.ingress and ev.ingress != self._current_ep:
+                        self._switch(ev.ingress, now)   # a new active node announced itself
                     for s in subs:
                         s.tracker.on_heartbeat(ev.last_seq, now)
             except RemoteProtocolError as exc:

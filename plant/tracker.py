@@ -199,9 +199,14 @@ class Tracker:
         self._reset_replay(now, cancel=False)
         if code == "gone" and first_available and self.next_seq is not None \
                 and first_available > self.next_seq:
-            self.lost_to_retention += first_available - self.next_seq
-            self.next_seq = first_available
+            # Skip what retention deleted, but not what the live buffer holds.
+            jump = first_available
+            if self._buf and self._buf[0][0] < jump:
+                jump = self._buf[0][0]
+            self.lost_to_retention += jump - self.next_seq
+            self.next_seq = jump
             self._retry_at = now
+            self._drain_buffer()              # buffered live batches may now be due
         self._maybe_request(now)
 
     def consumed(self, now: float) -> None:
@@ -216,6 +221,14 @@ class Tracker:
         if self._rid is not None and now >= self._deadline:
             self.retries += 1
             self._reset_replay(now, cancel=True)
+        self._maybe_request(now)
+
+    def restart_replay(self, now: float) -> None:
+        """The plant switched nodes: ask again at once, on the new node."""
+        if self._rid is not None:
+            self._reset_replay(now, cancel=False)
+        self._retry_at = now
+        self._backoff = self.request_timeout
         self._maybe_request(now)
 
     def actions(self) -> list[object]:

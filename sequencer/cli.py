@@ -1,7 +1,9 @@
 """The ``sequencer`` command: run a node, ask it for status, check a log.
 
     sequencer run --data DIR [--config FILE] [--ingress EP] [--egress EP]
+    sequencer run --role primary|standby --peer EP --peer-connect EP ...   (hot standby)
     sequencer status [--sequencer EP] [--json]
+    sequencer promote|demote [--sequencer EP]
     sequencer check --data DIR
 """
 
@@ -15,7 +17,7 @@ from typing import Sequence
 
 from orbcast import config as cfgmod
 from orbcast.cliutil import run_main, setup_logging
-from orbcast.envelope import Error, StatusRequest
+from orbcast.envelope import Admin, Error, StatusRequest
 from orbcast.rpc import request
 
 __all__ = ["main"]
@@ -31,12 +33,20 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--ingress", help="ROUTER endpoint to bind (default tcp://127.0.0.1:7400)")
     r.add_argument("--egress", help="PUB endpoint to bind (default tcp://127.0.0.1:7401)")
     r.add_argument("--node-id", help="name of this node")
+    r.add_argument("--role", choices=("primary", "standby"), help="preferred role of this node")
+    r.add_argument("--peer", help="ROUTER endpoint to bind for the other node (default tcp://127.0.0.1:7402)")
+    r.add_argument("--peer-connect", metavar="EP", help="the other node's --peer endpoint (enables the hot standby)")
     r.add_argument("--no-fsync", action="store_true", help="do not fsync (benchmarks only!)")
     r.add_argument("--log-level", default="info", help="debug, info, warning, error")
     s = sub.add_parser("status", help="show a node's role, positions and counters")
     s.add_argument("--sequencer", default="tcp://127.0.0.1:7400", help="the node's ingress endpoint")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--timeout", type=float, default=5.0)
+    for name, what in (("promote", "make a standby node active now (operator failover)"),
+                       ("demote", "make an active node step down to standby")):
+        x = sub.add_parser(name, help=what)
+        x.add_argument("--sequencer", default="tcp://127.0.0.1:7400", help="the node's ingress endpoint")
+        x.add_argument("--timeout", type=float, default=5.0)
     c = sub.add_parser("check", help="verify every log segment (full CRC scan)")
     c.add_argument("--data", required=True)
     return p
@@ -48,6 +58,7 @@ def _dispatch(a: argparse.Namespace) -> int:
         from .node import run
         cfg = cfgmod.load(cfgmod.SequencerConfig, a.config, overrides={
             "data": a.data, "ingress": a.ingress, "egress": a.egress, "node_id": a.node_id,
+            "role": a.role, "peer": a.peer, "peer_connect": a.peer_connect,
             "fsync": False if a.no_fsync else None})
         return run(cfg)
     if a.cmd == "status":
@@ -55,6 +66,12 @@ def _dispatch(a: argparse.Namespace) -> int:
         if isinstance(rep, Error):
             raise ValueError(f"{rep.code}: {rep.message}")
         print_status(rep.info, as_json=a.json)
+        return 0
+    if a.cmd in ("promote", "demote"):
+        rep = request(a.sequencer, Admin(rid=1, command=a.cmd), timeout=a.timeout)
+        if isinstance(rep, Error):
+            raise ValueError(f"{rep.code}: {rep.message}")
+        print(f"{rep.info['node']}: role {rep.info['role']}, epoch {rep.info['epoch']}")
         return 0
     if a.cmd == "check":
         from .log import verify_segment

@@ -32,7 +32,8 @@ from typing import Iterable, Sequence
 
 import cbor2
 
-from orbcast.envelope import (MAX_BATCH_RECORDS, MAX_BODY_BYTES, cbor_text, encode_record)
+from orbcast.envelope import (MAX_BATCH_RECORDS, MAX_BODY_BYTES, cbor_text, decode_record,
+                               encode_record)
 from orbcast.errors import RemoteProtocolError
 
 __all__ = ["DedupTable", "SequencerCore", "Released", "UNKNOWN_OLD"]
@@ -201,6 +202,12 @@ class SequencerCore:
         window (the driver searches the log); without it they are refused.
         """
         p = self.dedup.producer(producer)
+        if old_lookup is None and p.floor:
+            # refuse before anything changes: a rejected frame leaves no trace
+            for pseq, _topic, _payload in items:
+                if pseq < p.floor:
+                    raise RemoteProtocolError("producer_seq is older than the dedup window",
+                                              code="too-old")
         t = now if now > self.last_time else self.last_time
         self.last_time = t
         seq = self.next_seq
@@ -212,37 +219,54 @@ class SequencerCore:
         need = 0
         record = DedupTable._record
         lookup = self.dedup.lookup
-        for pseq, topic, payload in items:
-            if pseq <= p.hi:
-                old = lookup(producer, pseq)
-                if old == UNKNOWN_OLD:
-                    if old_lookup is None:
-                        raise RemoteProtocolError("producer_seq is older than the dedup window",
-                                                  code="too-old")
-                    old = old_lookup(producer, pseq)
-                if old is not None:
-                    self.duplicates += 1
-                    pairs.append(pseq)
-                    pairs.append(old)
-                    if old > need:
-                        need = old
-                    continue
-            tenc = topics.get(topic)
-            if tenc is None:
-                if len(topics) >= TOPIC_CACHE_SIZE:
-                    topics.clear()
-                tenc = topics[topic] = cbor_text(topic)
-            body = encode_record(seq, epoch, t, p.enc, pseq, tenc, payload)
-            unwritten.append((seq, t, body))
-            undurable.append(body)
-            record(p, pseq, seq)
-            pairs.append(pseq)
-            pairs.append(seq)
-            need = seq
-            seq += 1
-        self.sequenced += seq - self.next_seq
-        self.next_seq = seq
+        try:
+            for pseq, topic, payload in items:
+                if pseq <= p.hi:
+                    old = lookup(producer, pseq)
+                    if old == UNKNOWN_OLD:
+                        if old_lookup is None:
+                            raise RemoteProtocolError("producer_seq is older than the dedup window",
+                                                      code="too-old")
+                        # records not yet durable may not be in the log yet
+                        old = self._pending_lookup(producer, pseq)
+                        if old is None:
+                            old = old_lookup(producer, pseq)
+                    if old is not None:
+                        self.duplicates += 1
+                        pairs.append(pseq)
+                        pairs.append(old)
+                        if old > need:
+                            need = old
+                        continue
+                tenc = topics.get(topic)
+                if tenc is None:
+                    if len(topics) >= TOPIC_CACHE_SIZE:
+                        topics.clear()
+                    tenc = topics[topic] = cbor_text(topic)
+                body = encode_record(seq, epoch, t, p.enc, pseq, tenc, payload)
+                unwritten.append((seq, t, body))
+                undurable.append(body)
+                record(p, pseq, seq)
+                pairs.append(pseq)
+                pairs.append(seq)
+                need = seq
+                seq += 1
+        finally:
+            # Even if a lookup fails half-way, seqs already handed out stay
+            # handed out: never give the same seq twice.
+            self.sequenced += seq - self.next_seq
+            self.next_seq = seq
         self._acks.append((need, route, rid, pairs))
+
+    def _pending_lookup(self, producer: str, pseq: int) -> int | None:
+        """The seq of ``(producer, pseq)`` among the records that are not durable yet
+        (rare path: only for pairs below the dedup window, which the log is searched
+        for, and which the log may not hold yet)."""
+        for i, body in enumerate(self._undurable):
+            m = decode_record(body)
+            if m.producer_seq == pseq and m.producer == producer:
+                return self.durable_seq + 1 + i
+        return None
 
     def take_unwritten(self) -> list[tuple[int, int, bytes]]:
         """Records assigned since the last call, for the log: ``(seq, time, body)``."""

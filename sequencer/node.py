@@ -2,21 +2,25 @@
 
 One thread, one loop (STYLE.md section 1)::
 
-    poll(ingress, timeout = next deadline)
+    poll(ingress, peer, timeout = next deadline)
     drain up to max_drain ingress frames      -> core.publish / replays / control
-    append unwritten records to the log; fsync (group commit)
-    core.durable(last)                         -> egress batches, then acks
+    drain the peer link                       -> replication, HA heartbeats
+    append unwritten records to the log; send them to the standby; fsync
+    core.durable(release point)                -> egress batches, then acks
     pump replay chunks (bounded per turn)
-    heartbeat, dedup snapshot, replay expiry when due
+    heartbeats, HA timers, dedup snapshot, replay expiry when due
 
-Bad input from a peer is answered with an ERROR frame, counted and logged at
-most once a second; it never raises out of the loop. A failed durable write
-(:class:`~orbcast.errors.DurabilityError`) stops the node loudly: it must not
-keep acking what it cannot keep.
+The release point is our own fsync, or with an in-sync standby the lower of
+our fsync and the standby's ack (sequencer/ha.py decides which). Bad input
+from a peer is answered with an ERROR frame, counted and logged at most once
+a second; it never raises out of the loop. A failed durable write
+(:class:`~orbcast.errors.DurabilityError`) stops the node loudly: it must
+not keep acking what it cannot keep.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -29,11 +33,13 @@ import zmq
 
 from orbcast import envelope as env
 from orbcast.config import SequencerConfig
-from orbcast.envelope import (Cancel, Credit, Error, Heartbeat, Hello, Ping, Pong, Publish,
+from orbcast.envelope import (Admin, Cancel, Credit, Error, Heartbeat, Hello, Ping, Pong, Publish,
                               ReplayRequest, StatusReply, StatusRequest, Welcome)
 from orbcast.errors import DurabilityError, LogCorruptedError, RemoteProtocolError
 
+from . import peer as peerlink
 from .core import DedupTable, SequencerCore
+from .ha import HaCore, Input, ReplState, Role
 from .log import LogStore
 
 __all__ = ["SequencerNode", "run"]
@@ -52,12 +58,24 @@ DEDUP_SNAPSHOT_RECORDS = 200_000
 DEDUP_SNAPSHOT_SECONDS = 30.0
 #: Ingress receive high-water mark (frames queued per peer in ZeroMQ).
 INGRESS_HWM = 10_000
+#: Records sent to the standby and not yet acked, at most (bounds what the
+#: peer link buffers while a standby catches up).
+REPL_WINDOW = 65_536
+#: Records per REPL frame.
+REPL_CHUNK = 4096
+#: If the standby's ack does not move for this long while records are
+#: outstanding, resend from its last ack (a frame was lost on the link).
+REPL_REWIND_S = 0.5
+
+#: How often the node deletes segments older than retention_days.
+RETENTION_EVERY_S = 3600.0
 
 _NS = 1_000_000_000
 
 
 class SequencerNode:
-    """A single sequencer node. ``run()`` blocks until :meth:`stop`."""
+    """One sequencer node, alone or one of a primary/standby pair.
+    ``run()`` blocks until :meth:`stop`."""
 
     def __init__(self, cfg: SequencerConfig, *, ctx: zmq.Context | None = None) -> None:
         self.cfg = cfg
@@ -69,50 +87,110 @@ class SequencerNode:
             "sequenced": 0, "duplicates": 0, "rejected_frames": 0, "replayed_records": 0,
             "fsyncs": 0, "fsync_seconds": 0.0, "fsync_max_ms": 0.0, "egress_batches": 0,
             "egress_dropped_injected": 0, "acks": 0, "dedup_log_lookups": 0,
+            "replicated_records": 0, "repl_acks": 0, "peer_rejected": 0, "role_changes": 0,
+            "tail_records_set_aside": 0,
         }
         self.log = LogStore(self.data / "log", retention_days=cfg.retention_days, fsync=cfg.fsync)
         for p in self.log.torn_tails:
             log.warning("recovered a torn log tail; the cut bytes were kept in %s", p)
-        self.epoch = self._load_epoch()
-        dedup = self._load_dedup()
-        self.core = SequencerCore(last_seq=self.log.last_seq, last_time=self.log.last_time,
-                                  epoch=self.epoch, dedup=dedup)
+        if cfg.fsync:
+            # after a kill -9 the tail may be in the page cache only: make it
+            # durable before we ack resends of it as duplicates
+            segs = sorted((self.data / "log").glob("*.seg"))
+            if segs:
+                fd = os.open(segs[-1], os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        self._retention_at = time.monotonic() + RETENTION_EVERY_S
+        self.state = self._load_state()
+        self.dedup = self._load_dedup()
+        now = time.monotonic()
+        has_peer = bool(cfg.peer_connect)
+        if not has_peer:
+            role = Role.ACTIVE
+        elif self.state.get("role") == "active":
+            role = Role.PRIMARY
+        elif self.state.get("role") == "standby":
+            role = Role.BACKUP
+        else:
+            role = Role.PRIMARY if cfg.role == "primary" else Role.BACKUP
+        self.ha = HaCore(role=role, epoch=self.state["epoch"], parity=1 if cfg.role == "primary" else 0,
+                         failover_s=cfg.failover_ms / 1000, solo_after_s=cfg.solo_after_ms / 1000,
+                         require_standby=cfg.require_standby, has_peer=has_peer, now=now)
+        self.ha.max_epoch = max(self.state["epoch"], self.state.get("max_epoch", 0))
+        self.core: SequencerCore | None = None
+        if role is Role.ACTIVE:
+            self._become_active(now, announce=False)
+        self._synced_epoch = 0          # passive: log checked against this active epoch
+        self._repl_next = 0             # active: next seq to send to the standby
+        self._repl_progress = now
+        self._synced_upto = self.log.last_seq
         from .replay import ReplayManager
+        # leave room for the chunk's array head and the envelope under MAX_BODY_BYTES
         self.replays = ReplayManager(max_sessions=cfg.max_replays,
-                                     chunk_bytes=cfg.replay_chunk_bytes, idle_s=cfg.replay_idle_s)
+                                     chunk_bytes=min(cfg.replay_chunk_bytes, env.MAX_BODY_BYTES - 65536),
+                                     idle_s=cfg.replay_idle_s)
         self._ctx = ctx or zmq.Context.instance()
         self.ingress = self._ctx.socket(zmq.ROUTER)
         self.ingress.setsockopt(zmq.LINGER, 0)
         self.ingress.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAXMSGSIZE)
         self.ingress.setsockopt(zmq.RCVHWM, INGRESS_HWM)
-        self.ingress.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.egress = self._ctx.socket(zmq.PUB)
         self.egress.setsockopt(zmq.LINGER, 0)
         self.egress.setsockopt(zmq.SNDHWM, cfg.egress_hwm)
         self.ingress.bind(cfg.ingress)
         self.egress.bind(cfg.egress)
+        self.peer_in: zmq.Socket | None = None
+        self.peer_out: zmq.Socket | None = None
+        if has_peer:
+            self.peer_in = self._ctx.socket(zmq.ROUTER)
+            self.peer_in.setsockopt(zmq.LINGER, 0)
+            self.peer_in.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAXMSGSIZE)
+            self.peer_in.bind(cfg.peer)
+            self.peer_out = self._ctx.socket(zmq.DEALER)
+            self.peer_out.setsockopt(zmq.LINGER, 0)
+            self.peer_out.setsockopt(zmq.IMMEDIATE, 1)
+            self.peer_out.setsockopt(zmq.SNDHWM, 64)
+            self.peer_out.setsockopt(zmq.RECONNECT_IVL, 50)
+            self.peer_out.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+            self.peer_out.connect(cfg.peer_connect)
+        self.fault_cut_peer = False
         self._snap_seq = self.log.last_seq
         self._snap_time = time.monotonic()
         self._last_reject_log = 0.0
         self._rng = random.Random()
-        log.info("node %s serving: ingress %s egress %s, epoch %d, log %d..%d%s",
-                 cfg.node_id, cfg.ingress, cfg.egress, self.epoch, self.log.first_seq,
-                 self.log.last_seq, "" if cfg.fsync else " (fsync OFF)")
+        log.info("node %s up as %s: ingress %s egress %s%s, epoch %d, log %d..%d%s",
+                 cfg.node_id, self.ha.role.value, cfg.ingress, cfg.egress,
+                 f" peer {cfg.peer} -> {cfg.peer_connect}" if has_peer else "",
+                 self.ha.epoch, self.log.first_seq, self.log.last_seq,
+                 "" if cfg.fsync else " (fsync OFF)")
         if cfg.security == "none":
             log.warning("link security is OFF (security = \"none\"): loopback only, "
                         "anyone on this host can publish and read")
 
-    # --- start-up state ------------------------------------------------------
+    # --- persistent node state ------------------------------------------------
 
-    def _load_epoch(self) -> int:
-        p = self.data / "epoch"
+    def _load_state(self) -> dict[str, Any]:
+        p = self.data / "node-state.json"
         if p.exists():
             try:
-                return int(p.read_text().strip())
-            except ValueError:
-                raise DurabilityError(f"{p} is damaged; it must hold the leadership epoch") from None
-        _atomic_write(p, b"1\n")
-        return 1
+                st = json.loads(p.read_text())
+                st["epoch"] = int(st["epoch"])
+                st["epochs"] = [[int(e), int(s)] for e, s in st.get("epochs", [])]
+                return st
+            except (ValueError, KeyError, TypeError):
+                raise DurabilityError(f"{p} is damaged; it holds the leadership epoch "
+                                      "and history and must not be guessed") from None
+        return {"epoch": 0, "max_epoch": 0, "role": None, "epochs": []}
+
+    def _save_state(self) -> None:
+        self.state["epoch"] = self.ha.epoch
+        self.state["max_epoch"] = self.ha.max_epoch
+        self.state["role"] = "active" if self.ha.role is Role.ACTIVE else (
+            "standby" if self.ha.role is Role.PASSIVE else self.state.get("role"))
+        _atomic_write(self.data / "node-state.json", json.dumps(self.state).encode())
 
     def _load_dedup(self) -> DedupTable:
         """Snapshot + the log records after it (no time window, survives restarts)."""
@@ -124,7 +202,7 @@ class SequencerNode:
             except ValueError as exc:
                 log.warning("ignoring dedup snapshot %s (%s); rebuilding from the log", p, exc)
                 table, covered = DedupTable(), 0
-            if covered > self.log.last_seq:   # log was cut back (torn tail): rebuild
+            if covered > self.log.last_seq:   # log was cut back: rebuild
                 table, covered = DedupTable(), 0
         start = max(covered + 1, self.log.first_seq or 1)
         n = 0
@@ -138,8 +216,9 @@ class SequencerNode:
         return table
 
     def _snapshot_dedup(self) -> None:
-        _atomic_write(self.data / "dedup.snapshot", self.core.dedup.snapshot(self.core.durable_seq))
-        self._snap_seq = self.core.durable_seq
+        upto = self.core.durable_seq if self.core else self._synced_upto
+        _atomic_write(self.data / "dedup.snapshot", self.dedup.snapshot(upto))
+        self._snap_seq = upto
         self._snap_time = time.monotonic()
 
     def _old_lookup(self, pid: str, pseq: int) -> int | None:
@@ -153,6 +232,57 @@ class SequencerNode:
                 return seq
         return None
 
+    # --- roles -------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.ha.epoch
+
+    @property
+    def role(self) -> str:
+        r = self.ha.role
+        return r.value if r in (Role.ACTIVE, Role.PASSIVE) else "starting"
+
+    def _become_active(self, now: float, *, announce: bool = True) -> None:
+        """Start sequencing under a (new) epoch from our last replicated seq + 1."""
+        if self.ha.epoch == 0:        # first start of a single node
+            self.ha.epoch = self.ha.max_epoch = 1
+        epochs = self.state["epochs"]
+        if not epochs or epochs[-1][0] != self.ha.epoch:
+            epochs.append([self.ha.epoch, self.log.last_seq + 1])
+        self._save_state()            # the epoch is durable before anything is stamped with it
+        self.core = SequencerCore(last_seq=self.log.last_seq, last_time=self.log.last_time,
+                                  epoch=self.ha.epoch, dedup=self.dedup)
+        self._repl_next = 0
+        self._standby_ready = False     # replicate only after the standby told us where it is
+        if announce:
+            self.counters["role_changes"] += 1
+            log.warning("node %s is now ACTIVE, epoch %d, continuing from seq %d",
+                        self.cfg.node_id, self.ha.epoch, self.log.last_seq + 1)
+
+    def _become_passive(self, now: float) -> None:
+        """Step down / join as standby: stop sequencing; the log is checked
+        against the active node's history before we replicate."""
+        if self.core is not None and self.core.has_unwritten:
+            self.core.take_unwritten()          # never written: nothing to keep
+        self.core = None
+        self._synced_epoch = 0
+        self._synced_upto = self.log.last_seq
+        for route, rid in self.replays.sessions():
+            self.ingress.send_multipart([route, *self.replays.fail(
+                route, rid, "not-active", "this node is no longer active; ask the active node")])
+        self._save_state()
+        self.counters["role_changes"] += 1
+        log.warning("node %s is now STANDBY (epoch %d seen)", self.cfg.node_id, self.ha.max_epoch)
+
+    def _apply_role(self, new: Role | None, now: float) -> None:
+        if new is None:
+            return
+        if new is Role.ACTIVE:
+            self._become_active(now)
+        elif new is Role.PASSIVE:
+            self._become_passive(now)
+
     # --- the loop --------------------------------------------------------------
 
     def stop(self, *_: Any) -> None:
@@ -163,6 +293,8 @@ class SequencerNode:
         """Serve until :meth:`stop` (or SIGTERM/SIGINT when run by :func:`run`)."""
         poller = zmq.Poller()
         poller.register(self.ingress, zmq.POLLIN)
+        if self.peer_in is not None:
+            poller.register(self.peer_in, zmq.POLLIN)
         hb_period = self.cfg.heartbeat_ms / 1000.0
         next_hb = time.monotonic()
         try:
@@ -173,13 +305,19 @@ class SequencerNode:
                     next_hb = now_m + hb_period
                     self._housekeeping(now_m)
                 timeout = 0 if self.replays.ready else max(0.0, next_hb - now_m)
-                if poller.poll(timeout * 1000):
+                events = dict(poller.poll(timeout * 1000))
+                if self.ingress in events:
                     self._drain()
-                if self.core.has_unwritten:
-                    self._commit()
+                if self.peer_in is not None and self.peer_in in events:
+                    self._drain_peer()
+                if self.core is not None:
+                    if self.core.has_unwritten:
+                        self._commit()
+                    elif self.core.has_waiting:
+                        self._release()      # acks of pure resends: nothing new to write
                 if self.replays.ready:
                     self._pump_replays()
-            if self.core.has_unwritten:
+            if self.core is not None and self.core.has_unwritten:
                 self._commit()
         finally:
             self.close()
@@ -201,11 +339,27 @@ class SequencerNode:
             except RemoteProtocolError as exc:
                 self._reject(route, frames, exc)
 
+    def _welcome(self, rid: int) -> Welcome:
+        p = self.ha.peer
+        return Welcome(rid=rid, node=self.cfg.node_id, role=self.role, epoch=self.ha.epoch,
+                       first_seq=self.log.first_seq,
+                       last_seq=self.core.durable_seq if self.core else self._synced_upto,
+                       egress=self.cfg.announced_egress, peer_ingress=p.ingress,
+                       peer_egress=p.egress, heartbeat_ms=self.cfg.heartbeat_ms,
+                       failover_ms=self.cfg.failover_ms if self.ha.has_peer else 0)
+
     def _handle(self, route: bytes, ev: Any, now_ns: int) -> None:
         t = type(ev)
+        core = self.core
         if t is Publish:
-            self.core.publish(route, ev.rid, ev.producer, ev.items, now_ns, self._old_lookup)
+            if core is None:
+                self._not_active(route, ev.rid)
+                return
+            core.publish(route, ev.rid, ev.producer, ev.items, now_ns, self._old_lookup)
         elif t is ReplayRequest:
+            if core is None:
+                self._not_active(route, ev.rid)
+                return
             err = self.replays.open(route, ev, self.log, time.monotonic())
             if err:
                 self.ingress.send_multipart([route, *err])
@@ -216,17 +370,44 @@ class SequencerNode:
         elif t is Cancel:
             self.replays.cancel(route, ev.rid)
         elif t is Hello:
-            self._send(route, Welcome(
-                rid=ev.rid, node=self.cfg.node_id, role="active", epoch=self.epoch,
-                first_seq=self.log.first_seq, last_seq=self.core.durable_seq,
-                egress=self.cfg.announced_egress, heartbeat_ms=self.cfg.heartbeat_ms))
+            if ev.vote and self.ha.role is not Role.ACTIVE:
+                now = time.monotonic()
+                self._apply_role(self.ha.on_vote(ev.epoch, now), now)
+            elif ev.epoch > self.ha.max_epoch:
+                self.ha.max_epoch = ev.epoch
+            self._send(route, self._welcome(ev.rid))
         elif t is Ping:
-            self._send(route, Pong(rid=ev.rid, epoch=self.epoch, last_seq=self.core.durable_seq,
-                                   role="active"))
+            self._send(route, Pong(rid=ev.rid, epoch=self.ha.epoch,
+                                   last_seq=core.durable_seq if core else self._synced_upto,
+                                   role=self.role))
         elif t is StatusRequest:
             self._send(route, StatusReply(rid=ev.rid, info=self.status()))
+        elif t is Admin:
+            self._admin(route, ev)
         else:
             raise RemoteProtocolError(f"{t.__name__} is not a request", code="unexpected")
+
+    def _not_active(self, route: bytes, rid: int) -> None:
+        hint = self.ha.peer.ingress or "unknown"
+        self._send(route, Error(rid=rid, code="not-active",
+                                message=f"node {self.cfg.node_id} is {self.role}; "
+                                        f"the active node is at {hint}"))
+
+    def _admin(self, route: bytes, ev: Admin) -> None:
+        now = time.monotonic()
+        cmd = ev.command
+        if cmd == "promote":
+            self._apply_role(self.ha.feed(Input.PROMOTE, now), now)
+        elif cmd == "demote":
+            self._apply_role(self.ha.feed(Input.DEMOTE, now), now)
+        elif cmd == "fault-cut-peer" and self.cfg.faults:
+            self.fault_cut_peer = bool(ev.arg)
+            log.warning("fault injection: peer link %s", "CUT" if ev.arg else "restored")
+        else:
+            self._send(route, Error(rid=ev.rid, code="bad-command",
+                                    message=f"unknown or disabled admin command {cmd!r}"))
+            return
+        self._send(route, StatusReply(rid=ev.rid, info=self.status()))
 
     def _send(self, route: bytes, ev: Any) -> None:
         self.ingress.send_multipart([route, *env.encode(ev)])
@@ -250,30 +431,49 @@ class SequencerNode:
             log.warning("rejected a frame from peer %s: %s (%d rejected so far)",
                         route.hex()[:16], exc, self.counters["rejected_frames"])
 
+    # --- sequencing and replication (active) -------------------------------------
+
     def _commit(self) -> None:
-        """Group commit: append, fsync, then publish and ack."""
-        recs = self.core.take_unwritten()
+        """Group commit: append, replicate, fsync, then publish and ack."""
+        core = self.core
+        assert core is not None
+        recs = core.take_unwritten()
         self.log.append(recs)
+        self._replicate()
         dt = self.log.sync()
         c = self.counters
         c["fsyncs"] += 1
         c["fsync_seconds"] += dt
         if dt * 1000 > c["fsync_max_ms"]:
             c["fsync_max_ms"] = dt * 1000
-        self._release(recs[-1][0])
+        self._synced_upto = recs[-1][0]
+        self._release()
 
-    def _release(self, upto: int) -> None:
-        out = self.core.durable(upto)
+    def _release(self) -> None:
+        core = self.core
+        if core is None:
+            return
+        gate = self.ha.gate()
+        if gate == "stall":
+            return
+        upto = self._synced_upto
+        if gate == "standby":
+            upto = min(upto, self.ha.standby_acked)
+        if upto < core.durable_seq:
+            upto = core.durable_seq
+        if upto == core.durable_seq and not core.has_waiting:
+            return
+        out = core.durable(upto)
         pub = self.egress
         drop = self.cfg.fault_drop_egress
         for first, last, bodies in out.batches:
             if drop and self._rng.random() < drop:
                 self.counters["egress_dropped_injected"] += 1
                 continue
-            pub.send_multipart(env.batch_frames(self.epoch, first, last, bodies))
+            pub.send_multipart(env.batch_frames(core.epoch, first, last, bodies))
             self.counters["egress_batches"] += 1
         send = self.ingress.send_multipart
-        epoch = self.epoch
+        epoch = core.epoch
         for route, rid, pairs in out.acks:
             try:
                 send([route, *env.encode(env.Ack(rid=rid, epoch=epoch, pairs=tuple(pairs)))])
@@ -281,10 +481,162 @@ class SequencerNode:
                 pass
         self.counters["acks"] += len(out.acks)
 
+    def _replicate(self) -> None:
+        """Send the standby what it lacks, within the window (from the log, so
+        live records and catch-up are one path)."""
+        if self.core is None or self.peer_out is None or self.fault_cut_peer:
+            return
+        ha = self.ha
+        if not self._standby_ready or ha.peer.role != Role.PASSIVE.value:
+            return
+        if self._repl_next == 0:
+            self._repl_next = ha.standby_acked + 1
+        last = self.log.last_seq
+        while self._repl_next <= last and self._repl_next - 1 - ha.standby_acked < REPL_WINDOW:
+            recs = self.log.read(self._repl_next, max_records=REPL_CHUNK,
+                                 max_bytes=peerlink.MAX_REPL_BYTES)
+            if not recs:
+                break
+            try:
+                self.peer_out.send_multipart(peerlink.encode_repl(self.core.epoch, recs), zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._repl_next = recs[-1][0] + 1
+            self.counters["replicated_records"] += len(recs)
+
+    # --- the peer link -----------------------------------------------------------
+
+    def _drain_peer(self) -> None:
+        assert self.peer_in is not None
+        now = time.monotonic()
+        appended = False
+        for _ in range(1024):
+            try:
+                frames = self.peer_in.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if self.fault_cut_peer:
+                continue
+            try:
+                msg = peerlink.decode_peer(frames[1:])
+            except RemoteProtocolError as exc:
+                self.counters["peer_rejected"] += 1
+                log.warning("bad frame on the peer link: %s", exc)
+                continue
+            if isinstance(msg, peerlink.PeerHeartbeat):
+                self._on_peer_hb(msg, now)
+            elif isinstance(msg, peerlink.Repl):
+                appended |= self._on_repl(msg, now)
+            elif isinstance(msg, peerlink.ReplAck):
+                self._on_repl_ack(msg, now)
+        if appended:
+            self.log.sync()
+            self._synced_upto = self.log.last_seq
+            self._peer_send(peerlink.encode_ack(self._synced_epoch, self._synced_upto))
+
+    def _on_peer_hb(self, hb: peerlink.PeerHeartbeat, now: float) -> None:
+        old_role = self.ha.role
+        new = self.ha.on_peer_heartbeat(node=hb.node, role=hb.role, epoch=hb.epoch,
+                                        last_seq=hb.last_seq, in_sync=hb.in_sync,
+                                        ingress=hb.ingress, egress=hb.egress, now=now)
+        self._apply_role(new, now)
+        if self.ha.role is Role.PASSIVE and hb.role == "active" and hb.epoch >= self.ha.max_epoch:
+            if self._synced_epoch != hb.epoch:
+                self._check_history(hb)
+            self._peer_send(peerlink.encode_ack(self._synced_epoch, self._synced_upto))
+        if old_role is Role.ACTIVE and self.ha.role is Role.ACTIVE and hb.role == "standby":
+            self._release()
+
+    def _check_history(self, hb: peerlink.PeerHeartbeat) -> None:
+        """Make our log a prefix of the active node's history: set aside any
+        tail we wrote as a leader whose epoch the history does not cover."""
+        history = list(hb.epochs)
+        last = self.log.last_seq
+        if last:
+            rec = env.decode_record(self.log.read(last, max_records=1)[0][2])
+            e_last = rec.epoch
+            cut = None
+            starts = {e: s for e, s in history}
+            later = [s for e, s in history if e > e_last]
+            if e_last in starts:
+                nxt = min(later) if later else None
+                if nxt is not None and last >= nxt:
+                    cut = nxt - 1
+            elif later:
+                cut = min(later) - 1
+            if cut is not None and cut < last:
+                removed = last - cut
+                aside = self.log.truncate_after(cut)
+                self.counters["tail_records_set_aside"] += removed
+                log.warning("set aside %d records (seq %d..%d) this node wrote but never "
+                            "replicated; kept in %s", removed, cut + 1, last, aside)
+                self.dedup = self._rebuild_dedup_full()
+        self.state["epochs"] = [list(e) for e in history]
+        self._synced_epoch = hb.epoch
+        self._synced_upto = self.log.last_seq
+        self._save_state()
+
+    def _rebuild_dedup_full(self) -> DedupTable:
+        t = DedupTable()
+        for seq, _t, body in self.log.iter_records(self.log.first_seq or 1):
+            m = env.decode_record(body)
+            t.record(m.producer, m.producer_seq, seq)
+        snap = self.data / "dedup.snapshot"
+        if snap.exists():
+            snap.unlink()
+        return t
+
+    def _on_repl(self, r: peerlink.Repl, now: float) -> bool:
+        """Append replicated records (passive). Returns True if any were appended."""
+        ha = self.ha
+        if ha.role is not Role.PASSIVE or r.epoch != self._synced_epoch or r.epoch < ha.max_epoch:
+            return False
+        ha.peer.heard = now
+        last = self.log.last_seq
+        recs = [x for x in r.records if x[0] > last]
+        if not recs:
+            return False
+        if last and recs[0][0] != last + 1:
+            self._peer_send(peerlink.encode_ack(self._synced_epoch, last))   # rewind, please
+            return False
+        self.log.append(recs)
+        for seq, _t, body in recs:
+            m = env.decode_record(body)
+            self.dedup.record(m.producer, m.producer_seq, seq)
+        self.counters["replicated_records"] += len(recs)
+        return True
+
+    def _on_repl_ack(self, a: peerlink.ReplAck, now: float) -> None:
+        if self.core is None or a.epoch != self.core.epoch:
+            return
+        self.counters["repl_acks"] += 1
+        self._standby_ready = True
+        prev = self.ha.standby_acked
+        acked = min(a.last_seq, self.log.last_seq)
+        self.ha.on_standby_ack(acked, last_seq=self.log.last_seq, now=now)
+        if acked != prev:
+            self._repl_progress = now
+        if self._repl_next == 0 or acked + 1 > self._repl_next or acked < prev:
+            self._repl_next = acked + 1
+        self._replicate()
+        self._release()
+
+    def _peer_send(self, frames: list[bytes]) -> None:
+        if self.peer_out is None or self.fault_cut_peer:
+            return
+        try:
+            self.peer_out.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    # --- timers ------------------------------------------------------------------
+
     def _pump_replays(self) -> None:
+        if self.core is None:
+            return
         try:
             chunks = self.replays.pump(self.log, durable_seq=self.core.durable_seq,
-                                       epoch=self.epoch, now=time.monotonic(),
+                                       epoch=self.core.epoch, now=time.monotonic(),
                                        budget=REPLAY_CHUNKS_PER_TURN)
         except LogCorruptedError as exc:
             log.error("%s", exc)
@@ -295,15 +647,40 @@ class SequencerNode:
             self.ingress.send_multipart([route, *frames])
 
     def _heartbeat(self) -> None:
-        hb = Heartbeat(epoch=self.epoch, last_seq=self.core.durable_seq, node=self.cfg.node_id,
-                       role="active", time=time.time_ns())
+        last = self.core.durable_seq if self.core else self._synced_upto
+        hb = Heartbeat(epoch=self.ha.epoch, last_seq=last, node=self.cfg.node_id,
+                       role=self.role, time=time.time_ns(), ingress=self.cfg.announced_ingress)
         self.egress.send_multipart(env.encode(hb))
+        if self.peer_out is not None:
+            self._peer_send(peerlink.encode_heartbeat(peerlink.PeerHeartbeat(
+                epoch=self.ha.epoch, last_seq=self.log.last_seq, node=self.cfg.node_id,
+                role=self.ha.role.value, ingress=self.cfg.announced_ingress,
+                egress=self.cfg.announced_egress,
+                in_sync=self.ha.repl in (ReplState.IN_SYNC, ReplState.SILENT),
+                epochs=tuple((e, s) for e, s in self.state["epochs"]), time=time.time_ns())))
 
     def _housekeeping(self, now_m: float) -> None:
         self.replays.expire(now_m)
-        if (self.core.durable_seq - self._snap_seq >= DEDUP_SNAPSHOT_RECORDS
-                or (now_m - self._snap_time >= DEDUP_SNAPSHOT_SECONDS
-                    and self.core.durable_seq != self._snap_seq)):
+        if now_m >= self._retention_at:
+            self._retention_at = now_m + RETENTION_EVERY_S
+            for path in self.log.apply_retention(time.time_ns()):
+                log.info("retention: removed %s", path)
+        ha = self.ha
+        if ha.has_peer:
+            before = ha.repl
+            ha.tick(now_m, last_seq=self.log.last_seq)
+            if ha.repl is not before:
+                log.warning("standby link: %s -> %s", before.value, ha.repl.value)
+            if self.core is not None:
+                if (self._repl_next - 1 > ha.standby_acked
+                        and now_m - self._repl_progress > REPL_REWIND_S):
+                    self._repl_next = ha.standby_acked + 1      # resend what was lost
+                    self._repl_progress = now_m
+                self._replicate()
+                self._release()
+        durable = self.core.durable_seq if self.core else self._synced_upto
+        if (durable - self._snap_seq >= DEDUP_SNAPSHOT_RECORDS
+                or (now_m - self._snap_time >= DEDUP_SNAPSHOT_SECONDS and durable != self._snap_seq)):
             self._snapshot_dedup()
 
     # --- status ----------------------------------------------------------------
@@ -311,28 +688,47 @@ class SequencerNode:
     def status(self) -> dict[str, Any]:
         """The map served to ``plant status`` / ``sequencer status``."""
         c = dict(self.counters)
-        c["sequenced"] = self.core.sequenced
-        c["duplicates"] = self.core.duplicates
+        if self.core is not None:
+            c["sequenced"] = self.core.sequenced
+            c["duplicates"] = self.core.duplicates
         c.update(self.replays.stats())
         c["fsync_seconds"] = round(c["fsync_seconds"], 6)
         c["fsync_max_ms"] = round(c["fsync_max_ms"], 3)
-        return {"node": self.cfg.node_id, "role": "active", "epoch": self.epoch,
-                "last_seq": self.core.durable_seq, "first_seq": self.log.first_seq,
-                "uptime_s": round(time.time() - self.started, 3), "producers": len(self.core.dedup),
-                "security": self.cfg.security, "fsync": self.cfg.fsync,
-                "counters": {k: (round(v, 6) if isinstance(v, float) else int(v)) for k, v in c.items()}}
+        ha = self.ha
+        out: dict[str, Any] = {
+            "node": self.cfg.node_id, "role": self.role, "epoch": ha.epoch,
+            "last_seq": self.core.durable_seq if self.core else self._synced_upto,
+            "log_last_seq": self.log.last_seq, "first_seq": self.log.first_seq,
+            "uptime_s": round(time.time() - self.started, 3), "producers": len(self.dedup),
+            "security": self.cfg.security, "fsync": self.cfg.fsync,
+            "counters": {k: (round(v, 6) if isinstance(v, float) else int(v)) for k, v in c.items()}}
+        if ha.has_peer:
+            now = time.monotonic()
+            out["ha"] = {
+                "peer": ha.peer.node or None, "peer_role": ha.peer.role or None,
+                "peer_heard_ms_ago": None if ha.peer.heard < 0 else round((now - ha.peer.heard) * 1000),
+                "standby": ha.repl.value if ha.role is Role.ACTIVE else None,
+                "standby_acked": ha.standby_acked if ha.role is Role.ACTIVE else None,
+                "degraded": ha.degraded if ha.role is Role.ACTIVE else None,
+                "in_sync": (ha.repl is ReplState.IN_SYNC) if ha.role is Role.ACTIVE else ha.told_in_sync,
+                "eligible": ha.eligible(now) if ha.role is Role.PASSIVE else None,
+                "max_epoch": ha.max_epoch, "require_standby": ha.require_standby,
+                "epochs": self.state["epochs"],
+            }
+        return out
 
     def close(self) -> None:
         """Commit what is pending, snapshot dedup, close sockets and the log."""
         if self.log is None:
             return
         try:
-            if self.core.has_unwritten:
+            if self.core is not None and self.core.has_unwritten:
                 self._commit()
             self._snapshot_dedup()
         finally:
-            self.ingress.close(0)
-            self.egress.close(0)
+            for s in (self.ingress, self.egress, self.peer_in, self.peer_out):
+                if s is not None:
+                    s.close(0)
             self.log.close()
             self.log = None  # type: ignore[assignment]
             log.info("node %s stopped", self.cfg.node_id)
