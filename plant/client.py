@@ -328,6 +328,8 @@ class Plant:
         self._active_seen = 0.0            # last heartbeat of the active node
         self._failover_s = 0.0             # 0: single node, never vote
         self._next_vote = 0.0
+        self._active_ep: str | None = None   # ingress of the node last seen active
+        self._unsent_hello: Hello | None = None
         self.counters = {"published": 0, "acked": 0, "resent": 0, "rejected": 0,
                          "bad_frames": 0, "batches": 0, "heartbeats": 0}
         self._ctx = zmq.Context()
@@ -746,21 +748,20 @@ class Plant:
                 self._resend_at = now
                 self._maybe_failover(now)
         # hello / node discovery
-        if self._node is None and now >= self._hello_at:
+        if self._unsent_hello is not None and self._send(self._unsent_hello):
+            self._unsent_hello = None         # the new connection is up now
+        if self._node is None and now >= self._hello_at and not self._failover_due(now):
             if self._hello_rid is not None:
                 self._maybe_failover(now)
-            self._hello_rid = self._rid()
-            self._send(Hello(rid=self._hello_rid, client=self.client, epoch=self._max_epoch))
+            self._hello(Hello(rid=self._rid(), client=self.client, epoch=self._max_epoch))
             self._hello_at = now + self._backoff
         # the active node went silent: tell another node (the Binary Star vote)
         if (self._failover_s and now - self._active_seen > self._failover_s
                 and now >= self._next_vote and len(self._known_eps) > 1):
-            others = [e for e in self._known_eps if e != self._current_ep]
-            target = others[0] if others else self._current_ep
-            self._switch(target, now)
-            self._hello_rid = self._rid()
-            self._send(Hello(rid=self._hello_rid, client=self.client, vote=True,
-                             epoch=self._max_epoch))
+            others = [e for e in self._known_eps if e != self._active_ep]
+            self._switch(others[0] if others else self._current_ep, now)
+            self._hello(Hello(rid=self._rid(), client=self.client, vote=True,
+                              epoch=self._max_epoch))
             self._next_vote = now + self._failover_s
         # requests: send those the socket refused earlier; fail them at their deadline
         for rid, (fut, deadline, ev, sent) in list(self._requests.items()):
@@ -778,6 +779,12 @@ class Plant:
         if len(self._known_eps) > 1 and (force or now - self._last_heard > self._backoff):
             i = self._known_eps.index(self._current_ep) if self._current_ep in self._known_eps else -1
             self._switch(self._known_eps[(i + 1) % len(self._known_eps)], now)
+
+    def _hello(self, ev: Hello) -> None:
+        """Send a HELLO; a fresh connection may refuse it (IMMEDIATE): keep it
+        and send it as soon as the connection is up."""
+        self._hello_rid = ev.rid
+        self._unsent_hello = None if self._send(ev) else ev
 
     def _switch(self, ep: str, now: float) -> None:
         """Point the DEALER at another node: resend what was in flight (dedup
@@ -877,6 +884,7 @@ class Plant:
             return
         self._node = ev
         self._active_seen = now
+        self._active_ep = self._current_ep
         for s in self._subs:
             if s.tracker.next_seq is not None:
                 s.tracker.on_heartbeat(ev.last_seq, now)
@@ -949,8 +957,10 @@ class Plant:
                         continue                  # only the active node's position counts
                     self._max_epoch = ev.epoch
                     self._active_seen = now
-                    if ev.ingress and ev.ingress != self._current_ep:
-                        self._switch(ev.ingress, now)   # a new active node announced itself
+                    if ev.ingress:
+                        self._active_ep = ev.ingress
+                        if ev.ingress != self._current_ep:
+                            self._switch(ev.ingress, now)   # a new active node announced itself
                     for s in subs:
                         s.tracker.on_heartbeat(ev.last_seq, now)
             except RemoteProtocolError as exc:

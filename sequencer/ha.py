@@ -140,6 +140,7 @@ class HaCore:
         self.told_in_sync = False     # passive: the active's last word on us
         self.repl = ReplState.SYNCING if has_peer else ReplState.NONE
         self.standby_acked = 0        # active: standby holds everything <= this
+        self.standby_heard_ack = False  # active: the standby acked in this epoch
         self.degraded = False
         self.transitions: list[tuple[float, Role, Input, Role]] = []
 
@@ -169,6 +170,7 @@ class HaCore:
             self.max_epoch = self.epoch
             self.repl = ReplState.SYNCING if self.has_peer else ReplState.NONE
             self.standby_acked = 0
+            self.standby_heard_ack = False
             self.degraded = self.has_peer
         elif new is Role.PASSIVE:
             self.told_in_sync = False
@@ -220,15 +222,16 @@ class HaCore:
             elif now - ref >= self.solo_after_s and not self.require_standby:
                 self.repl = ReplState.SOLO
                 self.degraded = True
-        if self.repl is ReplState.SYNCING and self.standby_acked >= last_seq and not silent:
+        if (self.repl is ReplState.SYNCING and self.standby_heard_ack
+                and self.standby_acked >= last_seq and not silent):
             self.repl = ReplState.IN_SYNC
             self.degraded = False
 
     def on_standby_ack(self, acked: int, *, last_seq: int, now: float) -> None:
         """The standby durably holds everything up to ``acked``."""
         self.peer.heard = now
-        if acked > self.standby_acked or acked < self.standby_acked:
-            self.standby_acked = acked
+        self.standby_acked = acked
+        self.standby_heard_ack = True
         if self.repl in (ReplState.SILENT,):
             self.repl = ReplState.IN_SYNC
         if self.repl is ReplState.SOLO:

@@ -113,10 +113,21 @@ class Node:
         self.data = tmp / name
         self.ingress = f"tcp://127.0.0.1:{free_port()}"
         self.egress = f"tcp://127.0.0.1:{free_port()}"
+        self.peer = f"tcp://127.0.0.1:{free_port()}"
         self.env = env or {}
         self.extra = extra or []
         self.log = tmp / f"{name}.log"
         self.proc: Proc | None = None
+
+    def pair_with(self, other: "Node", role: str) -> "Node":
+        """Make this node one of a primary/standby pair with ``other``."""
+        self.extra += ["--role", role, "--peer", self.peer, "--peer-connect", other.peer]
+        return self
+
+    def status(self, timeout: float = 5) -> dict:
+        from orbcast.envelope import StatusRequest
+        from orbcast.rpc import request
+        return request(self.ingress, StatusRequest(rid=1), timeout=timeout).info
 
     def start(self, timeout: float = 20) -> "Node":
         self.proc = Proc([PY, "-m", "sequencer", "run", "--data", str(self.data),
