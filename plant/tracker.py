@@ -43,7 +43,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from orbcast.envelope import Cancel, Credit, Message, ReplayRequest
+from orbcast.envelope import MAX_SEQ, Cancel, Credit, Message, ReplayRequest
 
 __all__ = ["Tracker", "Start"]
 
@@ -65,12 +65,15 @@ class Start:
 
     @classmethod
     def at_seq(cls, seq: int) -> "Start":
-        if seq < 1:
-            raise ValueError("a start seq is >= 1")
+        if not 1 <= seq <= MAX_SEQ:
+            raise ValueError(f"a start seq is in 1..{MAX_SEQ}, got {seq}")
         return cls("seq", seq)
 
     @classmethod
     def at_time(cls, ns: int) -> "Start":
+        # checked here: it would otherwise fail only when the request is built, in tick()
+        if not 0 <= ns <= MAX_SEQ:
+            raise ValueError(f"a start time is in 0..{MAX_SEQ} ns since 1970, got {ns}")
         return cls("time", ns)
 
 
@@ -166,7 +169,8 @@ class Tracker:
             return
         if last_seq > self.known_tail:
             self.known_tail = last_seq
-        if self.next_seq is None:            # start-by-time: the node told us where
+        resolving = self.next_seq is None
+        if resolving:                        # start-by-time: the node told us where
             self.next_seq = self.resolved_start = start_seq
             self._since = None
         if start_seq > self.next_seq:        # we missed a chunk: start over
@@ -189,7 +193,8 @@ class Tracker:
             self._outstanding = 0
             self._owed = 0
         else:
-            self._grant(1)
+            # the time request had credit 1 (see _maybe_request): open the pipeline now
+            self._grant(self.credit if resolving else 1)
         self._maybe_request(now)
 
     def on_error(self, rid: int, code: str, first_available: int | None, now: float) -> None:
@@ -305,8 +310,10 @@ class Tracker:
         if len(self.ready) >= self.ready_limit:
             return                            # resume when the app catches up
         if self.next_seq is None:             # start by time
+            # Credit 1: the first chunk tells us where the start is, so no later chunk
+            # may overtake it; had it been lost, the next one would look like the start.
             req = ReplayRequest(rid=self._new_rid(), from_seq=1, since=self._since,
-                                to_seq=self.to_seq, topic=self.prefix, credit=self.credit,
+                                to_seq=self.to_seq, topic=self.prefix, credit=1,
                                 max_records=self.chunk_records)
         else:
             to = self._buf[0][0] - 1 if self._buf else None
@@ -320,7 +327,7 @@ class Tracker:
                                 max_records=self.chunk_records)
         self.replays += 1
         self._rid = req.rid
-        self._outstanding = self.credit
+        self._outstanding = req.credit
         self._owed = 0
         self._deadline = now + self.request_timeout
         self._out.append(req)

@@ -1,0 +1,343 @@
+"""Tests of orbcast.config: defaults, TOML, ORBCAST_* environment, explicit overrides,
+and the errors that name the field and where the bad value came from.
+
+Every call passes ``env=`` explicitly so the developer's own environment never leaks in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from orbcast.config import (
+    PlantConfig,
+    SequencerConfig,
+    endpoint_host,
+    is_loopback_endpoint,
+    load,
+)
+from orbcast.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str, name: str = "orbcast.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+# --- defaults ------------------------------------------------------------------------------
+
+def test_defaults_are_valid_and_loopback() -> None:
+    s = load(SequencerConfig, env={})
+    assert s == SequencerConfig(node_id=s.node_id)
+    assert (s.ingress, s.egress, s.security, s.role) == (
+        "tcp://127.0.0.1:7400", "tcp://127.0.0.1:7401", "none", "primary")
+    assert is_loopback_endpoint(s.ingress) and is_loopback_endpoint(s.egress)
+    assert s.fsync is True and s.heartbeat_ms == 100
+    p = load(PlantConfig, env={})
+    assert p.sequencers == ["tcp://127.0.0.1:7400"]
+    assert p.replay_credit == 4 and p.fsync is True
+
+
+def test_an_empty_file_gives_the_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "# nothing\n[other]\nx = 1\n")
+    assert load(SequencerConfig, path, env={}, overrides={"node_id": "n"}) == SequencerConfig(node_id="n")
+
+
+# --- file, environment, overrides ---------------------------------------------------------
+
+FILE = """
+[sequencer]
+data = "/srv/orbcast"
+node_id = "seq-a"
+heartbeat_ms = 50
+fsync = false
+replay_idle_s = 12.5
+fault_drop_egress = 0.25
+retention_days = 3
+
+[plant]
+sequencers = ["tcp://127.0.0.1:7400", "tcp://127.0.0.2:7400"]
+producer_id = "kitchen"
+replay_credit = 8
+"""
+
+
+def test_file_values_are_read(tmp_path: Path) -> None:
+    path = write(tmp_path, FILE)
+    s = load(SequencerConfig, path, env={})
+    assert (s.data, s.node_id, s.heartbeat_ms, s.fsync, s.replay_idle_s, s.fault_drop_egress,
+            s.retention_days) == ("/srv/orbcast", "seq-a", 50, False, 12.5, 0.25, 3)
+    p = load(PlantConfig, path, env={})
+    assert p.sequencers == ["tcp://127.0.0.1:7400", "tcp://127.0.0.2:7400"]
+    assert (p.producer_id, p.replay_credit) == ("kitchen", 8)
+
+
+def test_the_file_may_be_named_by_orbcast_config(tmp_path: Path) -> None:
+    path = write(tmp_path, FILE)
+    assert load(SequencerConfig, env={"ORBCAST_CONFIG": str(path)}).node_id == "seq-a"
+    # an explicit path wins over ORBCAST_CONFIG
+    other = write(tmp_path, '[sequencer]\nnode_id = "seq-b"\n', "other.toml")
+    assert load(SequencerConfig, other, env={"ORBCAST_CONFIG": str(path)}).node_id == "seq-b"
+
+
+def test_env_wins_over_file_and_overrides_win_over_env(tmp_path: Path) -> None:
+    path = write(tmp_path, FILE)
+    env = {"ORBCAST_SEQUENCER_HEARTBEAT_MS": "70", "ORBCAST_SEQUENCER_NODE_ID": "from-env",
+           "ORBCAST_SEQUENCER_FSYNC": "yes"}
+    s = load(SequencerConfig, path, env=env)
+    assert (s.heartbeat_ms, s.node_id, s.fsync) == (70, "from-env", True)
+    assert s.retention_days == 3                                   # untouched file value
+    s = load(SequencerConfig, path, env=env, overrides={"node_id": "from-cli", "heartbeat_ms": None})
+    assert s.node_id == "from-cli"
+    assert s.heartbeat_ms == 70                                    # None overrides are ignored
+
+
+def test_env_of_the_other_section_is_ignored() -> None:
+    s = load(SequencerConfig, env={"ORBCAST_PLANT_REPLAY_CREDIT": "9", "ORBCAST_OTHER": "x",
+                                   "ORBCAST_SEQUENCER_ROLE": "standby"})
+    assert s.role == "standby"
+
+
+@pytest.mark.parametrize("text,value", [("1", True), ("true", True), ("YES", True), ("on", True),
+                                        ("0", False), ("false", False), ("No", False), ("off", False)])
+def test_env_booleans(text: str, value: bool) -> None:
+    assert load(SequencerConfig, env={"ORBCAST_SEQUENCER_FSYNC": text}).fsync is value
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("tcp://a:7400,tcp://b:7400", ["tcp://a:7400", "tcp://b:7400"]),
+    (" tcp://a:7400 , tcp://b:7401 ", ["tcp://a:7400", "tcp://b:7401"]),
+    ("tcp://a:7400,,", ["tcp://a:7400"]),
+    ("tcp://[::1]:7400", ["tcp://[::1]:7400"]),
+])
+def test_plant_sequencers_list_from_env(text: str, expected: list[str]) -> None:
+    assert load(PlantConfig, env={"ORBCAST_PLANT_SEQUENCERS": text}).sequencers == expected
+
+
+def test_plant_sequencers_errors_from_env() -> None:
+    with pytest.raises(ConfigError) as ei:
+        load(PlantConfig, env={"ORBCAST_PLANT_SEQUENCERS": " , "})
+    assert ei.value.field == "plant.sequencers" and "at least one" in str(ei.value)
+    assert ei.value.source == "ORBCAST_PLANT_SEQUENCERS"
+    with pytest.raises(ConfigError) as ei:
+        load(PlantConfig, env={"ORBCAST_PLANT_SEQUENCERS": "tcp://a:7400,udp://b:1"})
+    assert ei.value.field == "plant.sequencers" and ei.value.source == "ORBCAST_PLANT_SEQUENCERS"
+    assert "udp://b:1" in str(ei.value)
+
+
+def test_plant_sequencers_as_a_string_when_built_directly() -> None:
+    cfg = PlantConfig(sequencers="tcp://a:1, tcp://b:2")  # type: ignore[arg-type]
+    assert cfg.sequencers == ["tcp://a:1", "tcp://b:2"]
+
+
+# --- unknown keys --------------------------------------------------------------------------
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[sequencer]\nheartbeat = 50\n")
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, path, env={})
+    assert ei.value.field == "sequencer.heartbeat" and ei.value.source == str(path)
+    assert "heartbeat" in str(ei.value) and str(path) in str(ei.value)
+
+
+def test_unknown_key_in_env() -> None:
+    with pytest.raises(ConfigError) as ei:
+        load(PlantConfig, env={"ORBCAST_PLANT_SEQUENCER": "tcp://a:1"})
+    assert ei.value.field == "plant.sequencer" and ei.value.source == "ORBCAST_PLANT_SEQUENCER"
+
+
+def test_unknown_key_in_overrides() -> None:
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env={}, overrides={"bogus": 1})
+    assert ei.value.field == "sequencer.bogus" and ei.value.source == "command line"
+
+
+def test_unknown_key_of_the_other_section_is_not_checked(tmp_path: Path) -> None:
+    # each loader reads only its own section
+    path = write(tmp_path, "[plant]\nbogus = 1\n")
+    load(SequencerConfig, path, env={})
+    with pytest.raises(ConfigError):
+        load(PlantConfig, path, env={})
+
+
+# --- bad types and values --------------------------------------------------------------------
+
+@pytest.mark.parametrize("line,field", [
+    ('heartbeat_ms = "fast"', "sequencer.heartbeat_ms"),
+    ("heartbeat_ms = 100.9", "sequencer.heartbeat_ms"),     # not silently truncated to 100
+    ("heartbeat_ms = true", "sequencer.heartbeat_ms"),
+    ("heartbeat_ms = 5", "sequencer.heartbeat_ms"),         # below the range
+    ("heartbeat_ms = 60001", "sequencer.heartbeat_ms"),
+    ('fsync = "maybe"', "sequencer.fsync"),
+    ("fsync = 1", "sequencer.fsync"),
+    ("role = 5", "sequencer.role"),
+    ('role = "leader"', "sequencer.role"),
+    ('security = "tls"', "sequencer.security"),
+    ("replay_idle_s = 0", "sequencer.replay_idle_s"),
+    ("replay_idle_s = -1.5", "sequencer.replay_idle_s"),
+    ("replay_idle_s = nan", "sequencer.replay_idle_s"),
+    ("replay_idle_s = inf", "sequencer.replay_idle_s"),
+    ("replay_idle_s = true", "sequencer.replay_idle_s"),
+    ("replay_idle_s = [1]", "sequencer.replay_idle_s"),
+    ("fault_drop_egress = 1.0", "sequencer.fault_drop_egress"),
+    ('ingress = "127.0.0.1:7400"', "sequencer.ingress"),
+    ('egress = "tcp://127.0.0.1:99999"', "sequencer.egress"),
+    ('advertise_egress = "tcp://host"', "sequencer.advertise_egress"),
+    ('node_id = ""', "sequencer.node_id"),
+    ("replay_chunk_bytes = 100", "sequencer.replay_chunk_bytes"),
+    ("max_replays = 0", "sequencer.max_replays"),
+])
+def test_bad_file_values_name_field_and_source(tmp_path: Path, line: str, field: str) -> None:
+    path = write(tmp_path, f"[sequencer]\n{line}\n")
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, path, env={})
+    assert ei.value.field == field
+    assert ei.value.source == str(path)
+    assert field in str(ei.value) and str(path) in str(ei.value)
+
+
+@pytest.mark.parametrize("var,value", [
+    ("ORBCAST_SEQUENCER_HEARTBEAT_MS", "abc"),
+    ("ORBCAST_SEQUENCER_HEARTBEAT_MS", "1.5"),
+    ("ORBCAST_SEQUENCER_HEARTBEAT_MS", "9"),
+    ("ORBCAST_SEQUENCER_REPLAY_IDLE_S", "soon"),
+    ("ORBCAST_SEQUENCER_REPLAY_IDLE_S", "nan"),
+    ("ORBCAST_SEQUENCER_FSYNC", "2"),
+    ("ORBCAST_SEQUENCER_ROLE", "boss"),
+    ("ORBCAST_SEQUENCER_EGRESS", "tcp://127.0.0.1"),
+])
+def test_bad_env_values_name_field_and_source(var: str, value: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env={var: value})
+    assert ei.value.field == "sequencer." + var.removeprefix("ORBCAST_SEQUENCER_").lower()
+    assert ei.value.source == var and var in str(ei.value)
+
+
+def test_bad_override_names_command_line() -> None:
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env={}, overrides={"heartbeat_ms": "50"})
+    assert ei.value.field == "sequencer.heartbeat_ms" and ei.value.source == "command line"
+
+
+@pytest.mark.parametrize("line,field", [
+    ("producer_id = \"has space\"", "plant.producer_id"),
+    ("producer_id = \"käse\"", "plant.producer_id"),
+    ("replay_credit = 65", "plant.replay_credit"),
+    ("replay_credit = 0", "plant.replay_credit"),
+    ("sequencers = []", "plant.sequencers"),
+    ("sequencers = [1, 2]", "plant.sequencers"),
+    ("sequencers = 5", "plant.sequencers"),
+    ("outbox_max_bytes = 10", "plant.outbox_max_bytes"),
+    ("request_timeout_ms = 1", "plant.request_timeout_ms"),
+])
+def test_bad_plant_values(tmp_path: Path, line: str, field: str) -> None:
+    path = write(tmp_path, f"[plant]\n{line}\n")
+    with pytest.raises(ConfigError) as ei:
+        load(PlantConfig, path, env={})
+    assert ei.value.field == field and ei.value.source == str(path)
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, missing, env={})
+    assert ei.value.source == str(missing)
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, tmp_path, env={})       # a directory
+    assert ei.value.source == str(tmp_path)
+    bad = write(tmp_path, "[sequencer\nx=", "bad.toml")
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, bad, env={})
+    assert ei.value.source == str(bad) and "TOML" in str(ei.value)
+    not_table = write(tmp_path, 'sequencer = "x"\n', "nt.toml")
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, not_table, env={})
+    assert ei.value.source == str(not_table)
+
+
+def test_config_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        SequencerConfig(heartbeat_ms=0)
+
+
+# --- protected mode ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ingress", "egress"])
+@pytest.mark.parametrize("ep", ["tcp://0.0.0.0:7400", "tcp://*:7400", "tcp://192.168.1.5:7400",
+                                "tcp://[::]:7400", "tcp://pi.local:7400", "tcp://eth0:7400"])
+def test_non_loopback_bind_without_security_is_refused(name: str, ep: str) -> None:
+    var = f"ORBCAST_SEQUENCER_{name.upper()}"
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env={var: ep})
+    msg = str(ei.value)
+    assert ei.value.field == f"sequencer.{name}" and ei.value.source == var
+    assert ep in msg and "without link security" in msg and "loopback" in msg
+
+
+def test_the_peer_bind_is_protected_too_once_a_peer_is_configured() -> None:
+    env = {"ORBCAST_SEQUENCER_PEER": "tcp://0.0.0.0:7402"}
+    load(SequencerConfig, env=env)                       # no peer_connect: peer is unused
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env={**env, "ORBCAST_SEQUENCER_PEER_CONNECT": "tcp://127.0.0.1:7502"})
+    assert ei.value.field == "sequencer.peer" and "without link security" in str(ei.value)
+
+
+def test_link_security_is_refused_until_it_is_implemented() -> None:
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env={"ORBCAST_SEQUENCER_SECURITY": "ratchet",
+                                   "ORBCAST_SEQUENCER_INGRESS": "tcp://0.0.0.0:7400"})
+    assert ei.value.field == "sequencer.security"
+    assert ei.value.source == "ORBCAST_SEQUENCER_SECURITY"
+
+
+@pytest.mark.parametrize("ep", ["tcp://127.0.0.1:7400", "tcp://127.1.2.3:1", "tcp://localhost:7400",
+                                "tcp://[::1]:7400"])
+def test_loopback_binds_are_allowed(ep: str) -> None:
+    assert load(SequencerConfig, env={"ORBCAST_SEQUENCER_INGRESS": ep}).ingress == ep
+
+
+def test_failover_timing_must_be_consistent() -> None:
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env={"ORBCAST_SEQUENCER_HEARTBEAT_MS": "300"})    # failover 500 < 600
+    assert ei.value.field == "sequencer.failover_ms"
+    assert "heartbeat_ms" in str(ei.value) and "failover_ms" in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env={"ORBCAST_SEQUENCER_SOLO_AFTER_MS": "999"})   # < 2 x 500
+    assert ei.value.field == "sequencer.solo_after_ms" and "failover_ms" in str(ei.value)
+    ok = load(SequencerConfig, env={"ORBCAST_SEQUENCER_HEARTBEAT_MS": "250",
+                                    "ORBCAST_SEQUENCER_SOLO_AFTER_MS": "1000"})
+    assert (ok.heartbeat_ms, ok.failover_ms, ok.solo_after_ms) == (250, 500, 1000)
+
+
+def test_advertised_egress_is_not_a_bind() -> None:
+    cfg = SequencerConfig(advertise_egress="tcp://pi.local:7401", node_id="n")
+    assert cfg.announced_egress == "tcp://pi.local:7401"
+    assert SequencerConfig(node_id="n").announced_egress == "tcp://127.0.0.1:7401"
+
+
+def test_announced_endpoints_replace_a_wildcard_host() -> None:
+    cfg = SequencerConfig(node_id="n")
+    cfg.egress = "tcp://0.0.0.0:7401"                    # not buildable yet (protected mode)
+    cfg.ingress = "tcp://*:7400"
+    assert "0.0.0.0" not in cfg.announced_egress and cfg.announced_egress.endswith(":7401")
+    assert "*" not in cfg.announced_ingress and cfg.announced_ingress.endswith(":7400")
+
+
+@pytest.mark.parametrize("ep,host", [("tcp://a:1", "a"), ("tcp://[::1]:7400", "::1"),
+                                     ("tcp://*:65535", "*")])
+def test_endpoint_host(ep: str, host: str) -> None:
+    assert endpoint_host(ep) == host
+
+
+@pytest.mark.parametrize("ep", ["ipc:///tmp/x", "tcp://a", "tcp://a:0", "tcp://a:65536", "tcp://a:x", "a:1"])
+def test_endpoint_host_refuses(ep: str) -> None:
+    with pytest.raises(ValueError):
+        endpoint_host(ep)
+
+
+def test_configs_are_plain_dataclasses() -> None:
+    names = {f.name for f in dataclasses.fields(SequencerConfig)}
+    assert {"ingress", "egress", "security", "heartbeat_ms"} <= names

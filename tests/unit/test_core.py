@@ -1,0 +1,414 @@
+"""Tests of sequencer.core: gap-free seqs, idempotent publish (dedup), release only after
+durability, batch splitting, the bounded dedup window, snapshots, monotonic time.
+
+Sans-I/O: literal ``now`` values, records decoded with the envelope codec, the "log"
+is a Python list. The last test is a Hypothesis model check of the whole core.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orbcast.envelope import MAX_BATCH_RECORDS, Message, decode_record
+from orbcast.errors import RemoteProtocolError
+from sequencer import core as core_mod
+from sequencer.core import (
+    MAX_EGRESS_BATCH_BYTES,
+    MAX_RUNS_PER_PRODUCER,
+    UNKNOWN_OLD,
+    DedupTable,
+    SequencerCore,
+)
+
+
+def new_core(last_seq: int = 0, last_time: int = 0, epoch: int = 1) -> SequencerCore:
+    return SequencerCore(last_seq=last_seq, last_time=last_time, epoch=epoch, dedup=DedupTable())
+
+
+def items(*pseqs: int, topic: str = "t", size: int = 1) -> list[tuple[int, str, bytes]]:
+    return [(p, topic, bytes([p % 256]) * size) for p in pseqs]
+
+
+def written(c: SequencerCore) -> list[Message]:
+    return [decode_record(body) for _s, _t, body in c.take_unwritten()]
+
+
+# --- sequencing ----------------------------------------------------------------------------
+
+def test_seqs_are_gap_free_from_last_seq_plus_one() -> None:
+    c = new_core(last_seq=41, last_time=5, epoch=3)
+    c.publish(b"r1", 1, "kitchen", [(7, "sensors/t", b"21.5"), (8, "sensors/h", b"")], now=1000)
+    c.publish(b"r2", 2, "garden", items(1), now=1001)
+    recs = c.take_unwritten()
+    assert [s for s, _t, _b in recs] == [42, 43, 44]
+    assert [decode_record(b) for _s, _t, b in recs] == [
+        Message(42, 3, 1000, "kitchen", 7, "sensors/t", b"21.5"),
+        Message(43, 3, 1000, "kitchen", 8, "sensors/h", b""),
+        Message(44, 3, 1001, "garden", 1, "t", b"\x01"),
+    ]
+    assert [t for _s, t, _b in recs] == [1000, 1000, 1001]
+    assert c.last_seq == 44 and c.sequenced == 3
+    assert c.take_unwritten() == [] and not c.has_unwritten
+
+
+def test_resend_gets_the_original_seq_after_many_interleaved_producers() -> None:
+    c = new_core()
+    c.publish(b"p", 1, "p", items(1, 2, 3), now=1)
+    original = {m.producer_seq: m.seq for m in written(c)}
+    for i in range(500):
+        c.publish(b"o", 10 + i, f"other{i % 37}", items(i), now=2 + i)
+    written(c)
+    last = c.last_seq
+    c.publish(b"p", 2000, "p", items(3, 1, 2), now=9999)
+    assert c.take_unwritten() == []                     # nothing new
+    assert c.last_seq == last and c.duplicates == 3
+    acks = c.durable(c.last_seq).acks
+    assert acks[-1] == (b"p", 2000, [3, original[3], 1, original[1], 2, original[2]])
+
+
+def test_duplicate_inside_one_frame() -> None:
+    c = new_core()
+    c.publish(b"r", 1, "p", items(5, 6, 5, 5), now=1)
+    recs = written(c)
+    assert [(m.seq, m.producer_seq) for m in recs] == [(1, 5), (2, 6)]
+    assert c.durable(2).acks == [(b"r", 1, [5, 1, 6, 2, 5, 1, 5, 1])]
+
+
+def test_holes_are_sequenced_when_they_arrive() -> None:
+    c = new_core()
+    c.publish(b"r", 1, "p", items(1, 3), now=1)
+    c.publish(b"r", 2, "p", items(2), now=1)           # a hole filled late: new seq
+    assert [(m.seq, m.producer_seq) for m in written(c)] == [(1, 1), (2, 3), (3, 2)]
+    c.publish(b"r", 3, "p", items(3, 2, 1), now=1)
+    assert c.take_unwritten() == []
+    assert c.durable(3).acks[-1] == (b"r", 3, [3, 2, 2, 3, 1, 1])
+
+
+def test_time_never_goes_backwards() -> None:
+    c = new_core(last_time=100)
+    c.publish(b"r", 1, "p", items(1), now=50)           # behind the log's last time
+    c.publish(b"r", 2, "p", items(2), now=200)
+    c.publish(b"r", 3, "p", items(3, 4), now=150)       # clock stepped back
+    c.publish(b"r", 4, "p", items(5), now=201)
+    assert [t for _s, t, _b in c.take_unwritten()] == [100, 200, 200, 200, 201]
+    assert c.last_time == 201
+
+
+# --- release after durability ----------------------------------------------------------------
+
+def test_nothing_leaves_before_durable() -> None:
+    c = new_core()
+    c.publish(b"a", 1, "p", items(1, 2), now=1)
+    c.publish(b"b", 2, "q", items(1), now=2)
+    c.take_unwritten()
+    assert c.has_waiting
+    out = c.durable(0)
+    assert out.batches == [] and out.acks == []
+    out = c.durable(1)                                   # ack 1 needs seq 2
+    assert [(f, l) for f, l, _ in out.batches] == [(1, 1)] and out.acks == []
+    out = c.durable(3)
+    assert [(f, l) for f, l, _ in out.batches] == [(2, 3)]
+    assert out.acks == [(b"a", 1, [1, 1, 2, 2]), (b"b", 2, [1, 3])]
+    assert not c.has_waiting
+    assert c.durable(3).acks == [] and c.durable(2).batches == []   # idempotent, never backwards
+
+
+def test_acks_leave_in_publish_order() -> None:
+    c = new_core()
+    c.publish(b"a", 1, "p", items(1), now=1)            # seq 1
+    c.publish(b"b", 2, "q", items(1, 2, 3), now=1)      # seqs 2..4
+    c.publish(b"a", 3, "p", items(1), now=1)            # duplicate of seq 1
+    # the duplicate needs only seq 1 but must not overtake the ack in front of it
+    assert c.durable(1).acks == [(b"a", 1, [1, 1])]
+    assert c.durable(3).acks == []
+    assert c.durable(4).acks == [(b"b", 2, [1, 2, 2, 3, 3, 4]), (b"a", 3, [1, 1])]
+
+
+def test_ack_of_a_resend_waits_for_the_original_to_be_durable() -> None:
+    c = new_core()
+    c.publish(b"a", 1, "p", items(1, 2), now=1)
+    c.publish(b"a", 2, "p", items(2), now=1)            # resent before it is durable
+    assert c.durable(1).acks == []
+    assert c.durable(2).acks == [(b"a", 1, [1, 1, 2, 2]), (b"a", 2, [2, 2])]
+
+
+def test_durable_beyond_the_last_seq_is_refused() -> None:
+    c = new_core(last_seq=10)
+    c.publish(b"a", 1, "p", items(1), now=1)
+    with pytest.raises(ValueError):
+        c.durable(12)
+    assert c.durable(11).acks == [(b"a", 1, [1, 11])]
+
+
+def test_batches_carry_exactly_the_released_bodies() -> None:
+    c = new_core(last_seq=100)
+    for i in range(10):
+        c.publish(b"a", i, "p", items(i, topic=f"t/{i}"), now=i)
+    bodies = [b for _s, _t, b in c.take_unwritten()]
+    out = [c.durable(103), c.durable(107), c.durable(110)]
+    assert [[(f, l) for f, l, _ in o.batches] for o in out] == [[(101, 103)], [(104, 107)], [(108, 110)]]
+    assert [b for o in out for _f, _l, bs in o.batches for b in bs] == bodies
+
+
+def test_batches_split_at_max_batch_records() -> None:
+    c = new_core()
+    n = 2 * MAX_BATCH_RECORDS + 5
+    c.publish(b"a", 1, "p", [(i, "t", b"") for i in range(n)], now=1)
+    bodies = [b for _s, _t, b in c.take_unwritten()]
+    out = c.durable(n)
+    assert [(f, l) for f, l, _ in out.batches] == [
+        (1, MAX_BATCH_RECORDS), (MAX_BATCH_RECORDS + 1, 2 * MAX_BATCH_RECORDS),
+        (2 * MAX_BATCH_RECORDS + 1, n)]
+    assert [len(bs) for _f, _l, bs in out.batches] == [MAX_BATCH_RECORDS, MAX_BATCH_RECORDS, 5]
+    assert [b for _f, _l, bs in out.batches for b in bs] == bodies
+
+
+@pytest.mark.parametrize("sizes", [
+    [200_000] * 12,                                   # several records per batch
+    [100] * 3 + [MAX_EGRESS_BATCH_BYTES + 10] + [100] * 3,   # one oversized record alone
+    [MAX_EGRESS_BATCH_BYTES // 2 - 40] * 5,
+])
+def test_batches_split_by_bytes(sizes: list[int]) -> None:
+    c = new_core()
+    c.publish(b"a", 1, "p", [(i, "t", b"x" * s) for i, s in enumerate(sizes)], now=1)
+    bodies = [b for _s, _t, b in c.take_unwritten()]
+    out = c.durable(len(sizes))
+    assert [b for _f, _l, bs in out.batches for b in bs] == bodies
+    expect_first = 1
+    for k, (first, last, bs) in enumerate(out.batches):
+        assert first == expect_first and last - first + 1 == len(bs)
+        expect_first = last + 1
+        size = sum(map(len, bs))
+        assert size <= MAX_EGRESS_BATCH_BYTES or len(bs) == 1
+        if k + 1 < len(out.batches):     # greedy: the next record would not have fitted
+            nxt = out.batches[k + 1][2][0]
+            assert size + len(nxt) > MAX_EGRESS_BATCH_BYTES
+    assert expect_first == len(sizes) + 1
+    assert len(out.batches) > 1
+
+
+# --- the dedup window ---------------------------------------------------------------------
+
+def spaced(table: DedupTable, pid: str, n: int) -> None:
+    """n runs: pseq 2i+1 -> seq 10i+1 (never contiguous, so one run each)."""
+    for i in range(n):
+        table.record(pid, 2 * i + 1, 10 * i + 1)
+
+
+def test_dedup_runs_compress_consecutive_pairs() -> None:
+    t = DedupTable()
+    for i in range(10_000):
+        t.record("p", i, 100 + i)
+    assert [t.lookup("p", i) for i in (0, 5000, 9999)] == [100, 5100, 10099]
+    assert t.lookup("p", 10_000) is None and t.lookup("q", 0) is None
+    assert len(t.producer("p").starts) == 1
+
+
+def test_dedup_window_eviction_sets_the_floor() -> None:
+    t = DedupTable()
+    extra = 10
+    spaced(t, "p", MAX_RUNS_PER_PRODUCER + extra)
+    p = t.producer("p")
+    assert len(p.starts) == MAX_RUNS_PER_PRODUCER
+    assert p.floor == 2 * extra + 1                      # first remembered pseq
+    for i in range(extra):                               # evicted pairs and holes below the floor
+        assert t.lookup("p", 2 * i + 1) == UNKNOWN_OLD
+        assert t.lookup("p", 2 * i + 2) == UNKNOWN_OLD
+    i = extra
+    assert t.lookup("p", 2 * i + 1) == 10 * i + 1        # still remembered
+    assert t.lookup("p", 2 * i + 2) is None              # a hole inside the window
+    last = MAX_RUNS_PER_PRODUCER + extra - 1
+    assert t.lookup("p", 2 * last + 1) == 10 * last + 1
+    assert t.lookup("p", 2 * last + 2) is None           # above hi: never seen
+
+
+def test_old_lookup_answers_below_the_window() -> None:
+    c = new_core(last_seq=19_999)            # the spaced pairs are "in the log" below
+    spaced(c.dedup, "p", MAX_RUNS_PER_PRODUCER + 5)
+    calls: list[tuple[str, int]] = []
+
+    def old_lookup(pid: str, pseq: int) -> int | None:
+        calls.append((pid, pseq))
+        return 7 if pseq == 1 else None
+
+    c.publish(b"r", 1, "p", items(1, 2), now=1, old_lookup=old_lookup)
+    assert calls == [("p", 1), ("p", 2)]
+    recs = written(c)
+    assert [(m.seq, m.producer_seq) for m in recs] == [(20_000, 2)]   # 2 was a hole: new
+    assert c.durable(20_000).acks == [(b"r", 1, [1, 7, 2, 20_000])]
+    assert c.duplicates == 1
+
+
+def test_too_old_without_old_lookup_is_refused_with_no_state_change() -> None:
+    c = new_core()
+    spaced(c.dedup, "p", MAX_RUNS_PER_PRODUCER + 5)
+    c.publish(b"r", 1, "q", items(1), now=5)
+    snap = c.dedup.snapshot(0)
+    before = (c.next_seq, c.last_time, c.sequenced, c.duplicates)
+    with pytest.raises(RemoteProtocolError) as ei:
+        c.publish(b"r", 2, "p", items(99_999, 1), now=10)   # a new item, then a too-old one
+    assert ei.value.code == "too-old"
+    assert (c.next_seq, c.last_time, c.sequenced, c.duplicates) == before
+    assert c.dedup.snapshot(0) == snap
+    assert [m.seq for m in written(c)] == [1]
+    assert c.durable(1).acks == [(b"r", 1, [1, 1])]         # no ack queued for the refused frame
+
+
+def test_a_failure_half_way_through_a_frame_never_reuses_a_seq() -> None:
+    """The window can move *during* a frame (its new runs evict old ones); a lookup that
+    then fails must not leave seqs handed out twice."""
+    c = new_core()
+    for i in range(MAX_RUNS_PER_PRODUCER):              # exactly full: floor still 0
+        c.publish(b"r", i, "p", items(2 * i + 1), now=1)
+        c.publish(b"r", i, "other", items(i), now=1)    # keep p's seqs non-contiguous
+    written(c)
+    c.durable(c.last_seq)                               # all in the log: only old_lookup knows them
+    assert c.dedup.producer("p").floor == 0
+    n = c.next_seq
+    with pytest.raises(RemoteProtocolError):
+        c.publish(b"r", 1, "p", items(10**6, 1), now=2)     # new run evicts pseq 1's run
+    c.publish(b"r", 2, "q", items(1), now=3)
+
+    def failing(pid: str, pseq: int) -> int | None:
+        raise OSError("log unreadable")
+
+    c.publish(b"r", 3, "p", items(10**6 + 10), now=3)
+    with pytest.raises(OSError):
+        c.publish(b"r", 4, "p", items(10**6 + 20, 3), now=4, old_lookup=failing)
+    c.publish(b"r", 5, "q", items(2), now=5)
+    seqs = [m.seq for m in written(c)]
+    assert seqs == list(range(n, c.next_seq))             # unique and gap-free
+    assert c.dedup.lookup("p", 10**6) == n                # what was handed out stays known
+
+
+def test_a_fresh_old_pair_resent_before_it_is_written_is_not_sequenced_twice() -> None:
+    c = new_core(last_seq=49_999)
+    spaced(c.dedup, "p", MAX_RUNS_PER_PRODUCER + 5)
+    c.publish(b"r", 1, "p", items(2), now=1, old_lookup=lambda pid, pseq: None)   # below the floor
+    c.publish(b"r", 2, "p", items(2), now=1, old_lookup=lambda pid, pseq: None)   # not in the log yet
+    assert [m.seq for m in written(c)] == [50_000]
+    assert c.durable(50_000).acks == [(b"r", 1, [2, 50_000]), (b"r", 2, [2, 50_000])]
+
+
+def test_rebuild_dedup_from_the_log() -> None:
+    c = new_core(last_seq=3)
+    c.rebuild_dedup([("p", 1, 1), ("p", 2, 2), ("q", 1, 3)])
+    c.publish(b"r", 1, "p", items(2, 3), now=1)
+    assert [(m.seq, m.producer_seq) for m in written(c)] == [(4, 3)]
+    assert c.durable(4).acks == [(b"r", 1, [2, 2, 3, 4])]
+
+
+# --- snapshots ----------------------------------------------------------------------------
+
+def test_snapshot_restore_round_trip() -> None:
+    t = DedupTable()
+    spaced(t, "spaced", MAX_RUNS_PER_PRODUCER + 20)
+    for i in range(300):
+        t.record("dense", i, 5000 + i)
+    t.record("holes", 10, 1)
+    t.record("holes", 5, 2)                              # out of order
+    t.record("ü-not-ascii", 0, 3)
+    blob = t.snapshot(covered_seq=987)
+    r, covered = DedupTable.restore(blob)
+    assert covered == 987 and len(r) == len(t) == 4
+    for pid in ("spaced", "dense", "holes", "ü-not-ascii", "absent"):
+        for pseq in range(0, 2 * (MAX_RUNS_PER_PRODUCER + 25)):
+            assert r.lookup(pid, pseq) == t.lookup(pid, pseq), (pid, pseq)
+    assert r.snapshot(987) == blob
+    # the restored table keeps working: a run extends, a new producer appears
+    r.record("dense", 300, 5300)
+    assert r.lookup("dense", 300) == 5300 and len(r.producer("dense").starts) == 1
+
+
+@pytest.mark.parametrize("blob", [
+    b"", b"\xff\xff", b"\xa0",
+    b"\xa1\x61v\x02",                                    # {"v": 2}: unknown version
+    # {"v": 1, "seq": 0, "producers": {"p": [0, 0, [1], [], []]}}: runs of unequal length
+    b"\xa3\x61v\x01\x63seq\x00\x69producers\xa1\x61p\x85\x00\x00\x81\x01\x80\x80",
+])
+def test_restore_refuses_damage_with_value_error(blob: bytes) -> None:
+    with pytest.raises(ValueError):
+        DedupTable.restore(blob)
+
+
+# --- the whole core against a model (Hypothesis) ------------------------------------------
+
+PRODUCERS = ["a", "b", "c"]
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("pub"), st.sampled_from(PRODUCERS),
+                  st.lists(st.integers(0, 40), min_size=1, max_size=6),
+                  st.integers(0, 1000)),
+        st.tuples(st.just("commit"), st.floats(0, 1)),
+    ),
+    min_size=1, max_size=60,
+)
+
+
+@settings(max_examples=250, deadline=None)
+@given(ops, st.sampled_from([1, 2, 4, MAX_RUNS_PER_PRODUCER]), st.integers(0, 5))
+def test_model(program: list[tuple], window: int, last_seq: int) -> None:
+    saved = core_mod.MAX_RUNS_PER_PRODUCER
+    core_mod.MAX_RUNS_PER_PRODUCER = window   # a small window makes the log path common
+    try:
+        run_model(program, last_seq)
+    finally:
+        core_mod.MAX_RUNS_PER_PRODUCER = saved
+
+
+def run_model(program: list[tuple], last_seq: int) -> None:
+    c = new_core(last_seq=last_seq)
+    log: list[Message] = []                  # records the "driver" wrote, in order
+    published: list[tuple[bytes, int, list[int]]] = []
+    acks: list[tuple[bytes, int, list[int]]] = []
+    batches: list[tuple[int, int, list[bytes]]] = []
+
+    def old_lookup(pid: str, pseq: int) -> int | None:
+        for m in log:
+            if m.producer == pid and m.producer_seq == pseq:
+                return m.seq
+        return None
+
+    def commit(frac: float) -> None:
+        log.extend(written(c))
+        written_upto = log[-1].seq if log else last_seq
+        upto = c.durable_seq + round(frac * (written_upto - c.durable_seq))
+        out = c.durable(upto)
+        for _route, _rid, pairs in out.acks:     # released only when durable
+            assert max(pairs[1::2]) <= upto
+        acks.extend(out.acks)
+        batches.extend(out.batches)
+
+    for rid, op in enumerate(program):
+        if op[0] == "pub":
+            _, pid, pseqs, now = op
+            c.publish(pid.encode(), rid, pid, items(*pseqs), now=now, old_lookup=old_lookup)
+            published.append((pid.encode(), rid, pseqs))
+        else:
+            commit(op[1])
+    commit(1.0)
+
+    # seqs are last_seq+1 .. N, gap-free, in log order, times never decrease
+    assert [m.seq for m in log] == list(range(last_seq + 1, c.next_seq))
+    assert all(a.time <= b.time for a, b in zip(log, log[1:]))
+    # every (producer, pseq) maps to exactly one seq
+    by_pair: dict[tuple[str, int], int] = {}
+    for m in log:
+        assert (m.producer, m.producer_seq) not in by_pair, m
+        by_pair[(m.producer, m.producer_seq)] = m.seq
+    assert set(by_pair) == {(pid.decode(), p) for pid, _rid, ps in published for p in ps}
+    # one ack per publish, in publish order, each pair matching the assignment
+    assert [(r, rid) for r, rid, _ in acks] == [(r, rid) for r, rid, _ in published]
+    for (route, _rid, pairs), (_r, _i, pseqs) in zip(acks, published):
+        assert pairs[0::2] == pseqs
+        assert pairs[1::2] == [by_pair[(route.decode(), p)] for p in pseqs]
+    # egress: every record exactly once, in order, in contiguous batches
+    expect = last_seq + 1
+    for first, last, bodies in batches:
+        assert first == expect and last - first + 1 == len(bodies)
+        expect = last + 1
+    assert [decode_record(b) for _f, _l, bs in batches for b in bs] == log
+    assert not c.has_waiting
