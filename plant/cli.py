@@ -44,20 +44,40 @@ def rfc3339(ns: int) -> str:
     return f"{base}.{frac:09d}Z"
 
 
-def format_message(m: Message, fmt: str) -> str:
-    """One output line for ``m`` (``jsonl`` or ``text``), without newline."""
+def format_message(m: Message, fmt: str, *, raw: bool = False) -> str:
+    """One output line for ``m`` (``jsonl`` or ``text``), without newline.
+
+    A payload that is one CBOR map (the message layer of
+    :mod:`orbcast.messages`: readings, set commands, health) is shown
+    decoded: as ``"data": {...}`` in jsonl (instead of the base64
+    ``"payload"``, which jsonl always carries), as compact JSON in text. ``raw=True`` (the ``--raw``
+    flag) keeps the payload bytes as they are: base64 in jsonl, text or hex.
+    """
+    from orbcast.messages import decode_payload
+
+    def _json_default(v: Any) -> Any:      # CBOR values JSON lacks
+        if isinstance(v, (bytes, bytearray)):
+            return base64.b64encode(v).decode("ascii")
+        return repr(v)
+
+    data = None if raw else decode_payload(m.payload)
     if fmt == "jsonl":
-        return json.dumps({"seq": m.seq, "epoch": m.epoch, "time": rfc3339(m.time),
-                           "topic": m.topic, "producer": m.producer,
-                           "producer_seq": m.producer_seq,
-                           "payload": base64.b64encode(m.payload).decode("ascii")},
-                          separators=(",", ":"))
-    try:
-        text = m.payload.decode("utf-8")
-        if not text.isprintable():
-            text = json.dumps(text)
-    except UnicodeDecodeError:
-        text = "hex:" + m.payload.hex()
+        d: dict[str, Any] = {"seq": m.seq, "epoch": m.epoch, "time": rfc3339(m.time),
+                             "topic": m.topic, "producer": m.producer,
+                             "producer_seq": m.producer_seq}
+        d["payload"] = base64.b64encode(m.payload).decode("ascii")   # always: the raw bytes
+        if data is not None:
+            d["data"] = data
+        return json.dumps(d, separators=(",", ":"), default=_json_default)
+    if data is not None:
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+    else:
+        try:
+            text = m.payload.decode("utf-8")
+            if not text.isprintable():
+                text = json.dumps(text)
+        except UnicodeDecodeError:
+            text = "hex:" + m.payload.hex()
     return f"{m.seq:>8}  {rfc3339(m.time)}  {m.topic}  {m.producer}#{m.producer_seq}  {text}"
 
 
@@ -89,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="now, today, a SEQ, an RFC 3339 TIME, or checkpoint:NAME")
     tail.add_argument("--format", choices=("text", "jsonl"), default="text")
     tail.add_argument("--count", type=int, default=None, help="exit after N messages")
+    tail.add_argument("--raw", action="store_true",
+                      help="show payloads as stored (base64 in jsonl), not decoded CBOR")
 
     rep = sub.add_parser("replay", help="print a range of the log (the CLI replay tool)")
     _common(rep)
@@ -104,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--checkpoint", default=None,
                      help="with --follow: resume from / save to this named checkpoint")
     rep.add_argument("--timeout", type=float, default=30.0)
+    rep.add_argument("--raw", action="store_true",
+                     help="show payloads as stored (base64 in jsonl), not decoded CBOR")
 
     st = sub.add_parser("status", help="the node's role, positions and counters, and this plant's")
     _common(st)
@@ -171,12 +195,26 @@ def _start_and_checkpoint(spec: str) -> tuple[Any, str | None]:
 
 
 def _emit(sub: Subscription, out: IO[str], fmt: str, count: int | None = None,
-          progress_total: int | None = None) -> int:
+          progress_total: int | None = None, *, raw: bool = False, notifier: Any = None) -> int:
+    """Write messages until the subscription ends (or ``count``). With a
+    systemd ``notifier`` the loop wakes at least once a second to ping the
+    watchdog even when no message arrives."""
     n = 0
     t0 = time.monotonic()
     last = t0
-    for m in sub:
-        out.write(format_message(m, fmt))
+    while True:
+        if notifier is not None:
+            notifier.tick(time.monotonic(), status=f"archived {n} messages, at seq {sub.position or 0}")
+            try:
+                m = sub.get(timeout=1.0)
+            except OrbcastTimeout:
+                out.flush()
+                continue
+        else:
+            m = sub.get()
+        if m is None:
+            break
+        out.write(format_message(m, fmt, raw=raw))
         out.write("\n")
         n += 1
         if count is not None and n >= count:
@@ -197,7 +235,7 @@ def _tail(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
     with Plant(cfg, client="plant-cli") as p:
         sub = p.subscribe(a.topic, start=start, checkpoint=cp)
         try:
-            _emit(sub, sys.stdout, a.format, a.count)
+            _emit(sub, sys.stdout, a.format, a.count, raw=a.raw)
         finally:
             sub.close()
     return 0
@@ -219,8 +257,13 @@ def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
                 sub = p.replay(a.from_seq, a.to_seq, since=since, until=until, topic=a.topic,
                                timeout=a.timeout)
                 total = sub.tracker.to_seq
+            notifier = None
+            if a.follow:
+                from orbcast.sdnotify import Notifier
+                notifier = Notifier.from_env()
+                notifier.ready(f"archiving from seq {sub.tracker.next_seq or 'now'}")
             try:
-                n = _emit(sub, out, a.format, progress_total=total or 0)
+                n = _emit(sub, out, a.format, progress_total=total or 0, raw=a.raw, notifier=notifier)
             finally:
                 sub.close()
             lost = sub.tracker.lost_to_retention

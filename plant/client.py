@@ -899,6 +899,8 @@ class Plant:
             if ev.rid in self._inflight:
                 pseqs, _dl, _n = self._inflight.pop(ev.rid)
                 self._unsent.extendleft(sorted(pseqs, reverse=True))
+                self._resend_at = now + self._backoff      # no resend storm at a standby
+                self._backoff = min(self._backoff * 2, MAX_RESEND_BACKOFF_S)
             if not self._failover_due(now):
                 self._maybe_failover(now, force=True)
             for s in self._subs:

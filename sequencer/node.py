@@ -36,6 +36,7 @@ from orbcast.config import SequencerConfig
 from orbcast.envelope import (Admin, Cancel, Credit, Error, Heartbeat, Hello, Ping, Pong, Publish,
                               ReplayRequest, StatusReply, StatusRequest, Welcome)
 from orbcast.errors import DurabilityError, LogCorruptedError, RemoteProtocolError
+from orbcast.sdnotify import Notifier
 
 from . import peer as peerlink
 from .core import DedupTable, SequencerCore
@@ -161,6 +162,7 @@ class SequencerNode:
         self._snap_time = time.monotonic()
         self._last_reject_log = 0.0
         self._rng = random.Random()
+        self.notifier = Notifier.from_env()
         log.info("node %s up as %s: ingress %s egress %s%s, epoch %d, log %d..%d%s",
                  cfg.node_id, self.ha.role.value, cfg.ingress, cfg.egress,
                  f" peer {cfg.peer} -> {cfg.peer_connect}" if has_peer else "",
@@ -287,7 +289,16 @@ class SequencerNode:
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish its turn, commit, and return."""
+        if not self._stop:
+            self.notifier.stopping(f"stopping; role={self.role} last_seq={self.log.last_seq if self.log else 0}")
         self._stop = True
+
+    def _status_line(self) -> str:
+        last = self.core.durable_seq if self.core else self._synced_upto
+        extra = ""
+        if self.ha.has_peer and self.ha.role is Role.ACTIVE:
+            extra = f" standby={self.ha.repl.value}"
+        return f"role={self.role} epoch={self.ha.epoch} last_seq={last}{extra}"
 
     def run(self) -> None:
         """Serve until :meth:`stop` (or SIGTERM/SIGINT when run by :func:`run`)."""
@@ -297,6 +308,8 @@ class SequencerNode:
             poller.register(self.peer_in, zmq.POLLIN)
         hb_period = self.cfg.heartbeat_ms / 1000.0
         next_hb = time.monotonic()
+        notifier = self.notifier
+        notifier.ready(self._status_line())
         try:
             while not self._stop:
                 now_m = time.monotonic()
@@ -304,6 +317,7 @@ class SequencerNode:
                     self._heartbeat()
                     next_hb = now_m + hb_period
                     self._housekeeping(now_m)
+                    notifier.tick(now_m, status=self._status_line())   # WATCHDOG=1 from the loop itself
                 timeout = 0 if self.replays.ready else max(0.0, next_hb - now_m)
                 events = dict(poller.poll(timeout * 1000))
                 if self.ingress in events:
@@ -400,6 +414,9 @@ class SequencerNode:
             self._apply_role(self.ha.feed(Input.PROMOTE, now), now)
         elif cmd == "demote":
             self._apply_role(self.ha.feed(Input.DEMOTE, now), now)
+        elif cmd == "fault-stall" and self.cfg.faults:
+            log.warning("fault injection: stalling the main loop for %d ms", ev.arg)
+            time.sleep(ev.arg / 1000)        # a hung loop: the watchdog pings must stop
         elif cmd == "fault-cut-peer" and self.cfg.faults:
             self.fault_cut_peer = bool(ev.arg)
             log.warning("fault injection: peer link %s", "CUT" if ev.arg else "restored")
@@ -729,6 +746,7 @@ class SequencerNode:
             for s in (self.ingress, self.egress, self.peer_in, self.peer_out):
                 if s is not None:
                     s.close(0)
+            self.notifier.close()
             self.log.close()
             self.log = None  # type: ignore[assignment]
             log.info("node %s stopped", self.cfg.node_id)

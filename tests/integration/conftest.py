@@ -94,6 +94,11 @@ class Proc:
         try:
             return self.p.wait(timeout)
         except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGUSR1)     # procs.py dumps its state
+            try:
+                self.p.wait(1)
+            except subprocess.TimeoutExpired:
+                pass
             self.kill9()
             pytest.fail(f"{' '.join(self.args[2:5])} did not finish within {timeout} s; "
                         f"log:\n{self.output()[-3000:]}")
@@ -181,11 +186,13 @@ def node_factory(tmp_path: Path, procs: list) -> Callable[..., Node]:
     return make
 
 
-def plant_proc(tmp_path: Path, procs: list, role: str, name: str, node: Node, *args: str,
-               data: Path | None = None) -> Proc:
+def plant_proc(tmp_path: Path, procs: list, role: str, name: str, node: "Node | list[Node]",
+               *args: str, data: Path | None = None) -> Proc:
     """Start ``python -m tests.integration.procs ROLE`` writing to ``<name>.out``."""
     out = tmp_path / f"{name}.out"
-    p = Proc([PY, "-m", "tests.integration.procs", role, "--sequencer", node.ingress,
+    nodes = node if isinstance(node, list) else [node]
+    seqs = [x for n in nodes for x in ("--sequencer", n.ingress)]
+    p = Proc([PY, "-m", "tests.integration.procs", role, *seqs,
               "--producer-id", name, "--data", str(data or tmp_path / f"plant-{name}"),
               "--out", str(out), *args], tmp_path / f"{name}.log").start()
     procs.append(p)

@@ -24,6 +24,21 @@ from orbcast.errors import OrbcastTimeout
 from plant.client import Plant
 
 
+def _debug_dump(p: Plant) -> None:
+    """On SIGUSR1 print the plant's internals (a test that times out asks)."""
+    import signal
+
+    def dump(*_: object) -> None:
+        print("DEBUG", json.dumps({"local": p.local_status(), "current": p._current_ep,
+                                    "active": p._active_ep, "known": p._known_eps,
+                                    "max_epoch": p._max_epoch, "failover_s": p._failover_s,
+                                    "unsent": len(p._unsent), "inflight": len(p._inflight),
+                                    "node": str(p._node), "resend_at": p._resend_at,
+                                    "now": time.monotonic(), "active_seen": p._active_seen},
+                                   default=str), flush=True)
+    signal.signal(signal.SIGUSR1, dump)
+
+
 def _cfg(a: argparse.Namespace) -> PlantConfig:
     return PlantConfig(sequencers=a.sequencer, producer_id=a.producer_id, data=a.data,
                        request_timeout_ms=a.request_timeout_ms)
@@ -36,6 +51,7 @@ def publisher(a: argparse.Namespace) -> int:
     tickets; ``rate`` shapes the load (messages per second)."""
     out = open(a.out, "a", buffering=1 << 16)
     with Plant(_cfg(a), on_full="block") as p:
+        _debug_dump(p)
         if p.outbox_depth:
             out.write(f"R {p.outbox_depth}\n")
         unacked: list = []
@@ -74,6 +90,7 @@ def _report_acks(out, tickets: list, *, block: bool) -> list:  # type: ignore[no
 def consumer(a: argparse.Namespace) -> int:
     out = open(a.out, "a", buffering=1 << 16)
     with Plant(_cfg(a)) as p:
+        _debug_dump(p)
         start = a.start if not a.start.isdigit() else int(a.start)
         sub = p.subscribe(a.topic, start=start, checkpoint=a.checkpoint)
         n = 0
