@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
 def _dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "run":
         setup_logging(a.log_level)
+        import faulthandler
+        import signal as _signal
+        faulthandler.register(_signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack
         from .node import run
         cfg = cfgmod.load(cfgmod.SequencerConfig, a.config, overrides={
             "data": a.data, "ingress": a.ingress, "egress": a.egress, "node_id": a.node_id,

@@ -43,7 +43,14 @@ __all__ = ["DedupTable", "SequencerCore", "Released", "UNKNOWN_OLD"]
 #: usually makes one run), so 1024 runs cover at least 1024 and usually far
 #: more recent messages per producer: more than a plant's outbox can hold
 #: unacked. Older pairs are found by scanning the log (rare, counted).
-MAX_RUNS_PER_PRODUCER = 1024
+MAX_RUNS_PER_PRODUCER = 4096
+#: ...but the runs covering a producer's newest MIN_PSEQ_WINDOW producer seqs
+#: are never evicted: a plant's outbox (10,000 messages by default) can never
+#: hold an unacked message older than that, so its resends always hit memory
+#: and never the (slow) log search. HARD_MAX_RUNS bounds memory even if a
+#: producer fragments its seqs pathologically.
+MIN_PSEQ_WINDOW = 1 << 16
+HARD_MAX_RUNS = 1 << 16
 #: Bytes of record bodies per egress batch (stay well under a plant's
 #: 1 MiB body limit with room for the envelope).
 MAX_EGRESS_BATCH_BYTES = MAX_BODY_BYTES - 64 * 1024
@@ -71,7 +78,8 @@ class _Producer:
 class DedupTable:
     """Maps ``(producer_id, producer_seq)`` to the seq it was given.
 
-    Memory is bounded per producer by :data:`MAX_RUNS_PER_PRODUCER`; pairs
+    Memory is bounded per producer by :data:`MAX_RUNS_PER_PRODUCER` (beyond
+    the newest :data:`MIN_PSEQ_WINDOW` producer seqs) and :data:`HARD_MAX_RUNS`; pairs
     below a producer's ``floor`` were evicted and :meth:`lookup` answers
     :data:`UNKNOWN_OLD` for them so the driver can search the log.
     """
@@ -121,13 +129,24 @@ class DedupTable:
             p.hi = pseq
         else:  # a late, out-of-order producer seq (a hole being filled)
             i = bisect.bisect_right(p.starts, pseq)
+            if i > 0:
+                n = p.counts[i - 1]
+                if p.starts[i - 1] + n == pseq and p.seqs[i - 1] + n == seq:
+                    p.counts[i - 1] = n + 1      # consecutive hole fills make one run
+                    return
             p.starts.insert(i, pseq)
             p.seqs.insert(i, seq)
             p.counts.insert(i, 1)
         if len(p.starts) > MAX_RUNS_PER_PRODUCER:
-            drop = len(p.starts) - MAX_RUNS_PER_PRODUCER
-            del p.starts[:drop], p.seqs[:drop], p.counts[:drop]
-            p.floor = p.starts[0]
+            keep_from = p.hi - MIN_PSEQ_WINDOW
+            drop = 0
+            excess = len(p.starts) - MAX_RUNS_PER_PRODUCER
+            hard = len(p.starts) - HARD_MAX_RUNS
+            while drop < excess and (p.starts[drop] + p.counts[drop] <= keep_from or drop < hard):
+                drop += 1
+            if drop:
+                del p.starts[:drop], p.seqs[:drop], p.counts[:drop]
+                p.floor = p.starts[0]
 
     def snapshot(self, covered_seq: int) -> bytes:
         """Serialise the table; ``covered_seq`` is the last seq it reflects."""

@@ -131,8 +131,14 @@ class Node:
 
     def status(self, timeout: float = 5) -> dict:
         from orbcast.envelope import StatusRequest
+        from orbcast.errors import OrbcastTimeout
         from orbcast.rpc import request
-        return request(self.ingress, StatusRequest(rid=1), timeout=timeout).info
+        try:
+            return request(self.ingress, StatusRequest(rid=1), timeout=timeout).info
+        except OrbcastTimeout:
+            if self.proc and self.proc.alive():      # a hung node: get its stacks into the log
+                os.kill(self.proc.pid, signal.SIGUSR1)
+            raise
 
     def start(self, timeout: float = 20) -> "Node":
         self.proc = Proc([PY, "-m", "sequencer", "run", "--data", str(self.data),

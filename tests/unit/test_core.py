@@ -191,6 +191,49 @@ def test_batches_split_by_bytes(sizes: list[int]) -> None:
 
 # --- the dedup window ---------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def small_pseq_window(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """Most eviction tests use a few thousand spaced pairs; shrink the protected
+    producer-seq window so eviction is reachable with them (the window itself
+    is tested separately)."""
+    if "keeps_pseq_window" not in request.keywords:
+        monkeypatch.setattr(core_mod, "MIN_PSEQ_WINDOW", 0)
+
+
+@pytest.mark.keeps_pseq_window
+def test_runs_inside_the_pseq_window_are_never_evicted() -> None:
+    """A fragmented producer keeps every pair of its newest MIN_PSEQ_WINDOW
+    producer seqs in memory (its outbox cannot be older), so resends never
+    need the slow log search; past the window the runs are evicted."""
+    t = DedupTable()
+    n = core_mod.MAX_RUNS_PER_PRODUCER + 500
+    spaced(t, "p", n)                          # hi = 2n - 1, far inside the window
+    assert t.producer("p").floor == 0
+    assert t.lookup("p", 1) == 1               # the oldest pair is still remembered
+    big = DedupTable()
+    step = 2 * core_mod.MIN_PSEQ_WINDOW // core_mod.MAX_RUNS_PER_PRODUCER
+    for i in range(core_mod.MAX_RUNS_PER_PRODUCER + 50):
+        big.record("p", step * i + 1, 10 * i + 1)
+    p = big.producer("p")
+    assert p.floor > 0
+    assert big.lookup("p", 1) == UNKNOWN_OLD           # evicted: outside the window
+    for i in range(core_mod.MAX_RUNS_PER_PRODUCER + 50):
+        pseq = step * i + 1
+        if pseq > p.hi - core_mod.MIN_PSEQ_WINDOW:       # inside the window: remembered
+            assert big.lookup("p", pseq) == 10 * i + 1
+
+
+def test_consecutive_hole_fills_merge_into_one_run() -> None:
+    t = DedupTable()
+    t.record("p", 1, 1)
+    t.record("p", 100, 2)                      # pseqs 2..99 are a hole
+    runs = len(t.producer("p").starts)
+    for k, pseq in enumerate(range(2, 100)):   # filled later, in order, consecutive seqs
+        t.record("p", pseq, 3 + k)
+    assert len(t.producer("p").starts) == runs + 1
+    assert [t.lookup("p", x) for x in (1, 2, 99, 100)] == [1, 3, 100, 2]
+
+
 def spaced(table: DedupTable, pid: str, n: int) -> None:
     """n runs: pseq 2i+1 -> seq 10i+1 (never contiguous, so one run each)."""
     for i in range(n):
