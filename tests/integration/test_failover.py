@@ -178,13 +178,14 @@ def test_old_primary_returns_with_unreplicated_tail(tmp_path: Path, procs: list,
     assert st["last_seq"] <= b.status()["last_seq"], "the primary published what the standby lacks"
     a.kill9()
     wait_for(lambda: b.status()["role"] == "active", 20, "the standby to take over")
-    assert pub.wait(180) == 0, pub.output()[-3000:]
-    assert cons.wait(180) == 0, cons.output()[-3000:]
-    a.extra = [x for x in a.extra]
+    # require_standby: the new leader stalls (acks nothing) until it has a
+    # standby again, so bring the old primary back now
     a.env.pop("ORBCAST_SEQUENCER_FAULTS", None)
     a.start()
     wait_for(lambda: a.status()["role"] == "standby" and b.status()["ha"]["standby"] == "in-sync",
              30, "the old primary to rejoin as standby")
+    assert pub.wait(180) == 0, pub.output()[-3000:]
+    assert cons.wait(180) == 0, cons.output()[-3000:]
     sa = a.status()
     assert sa["counters"]["tail_records_set_aside"] >= unreplicated > 0
     assert list((a.data / "log" / "aside").glob("*"))
