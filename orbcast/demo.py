@@ -1,9 +1,11 @@
 """``make demo``: a local orbcast cluster on loopback, end to end.
 
-Starts a sequencer node, two consuming plants (``plant tail``) and two
-publishing plants (``plant publish --stdin``), shows canonical messages
-flowing, checks that both consumers saw the identical sequence, and ends
-with a replay of the log (``plant replay``) and ``plant status``. Everything
+Starts a primary and a hot-standby sequencer node, two consuming plants
+(``plant tail``) and two publishing plants (``plant publish --stdin``),
+shows canonical messages flowing, kills the primary with SIGKILL mid-stream
+and shows the plants carrying on with the standby, checks that both
+consumers saw the identical gap-free sequence, replays the log, and brings
+the old primary back as the new standby. Everything
 runs as real processes, exactly as a user would run them; state goes to
 ``./demo-data`` (wiped at start).
 """
@@ -20,9 +22,9 @@ from pathlib import Path
 
 from orbcast.rpc import wait_ready
 
-INGRESS = os.environ.get("ORBCAST_DEMO_INGRESS", "tcp://127.0.0.1:7450")
-EGRESS = os.environ.get("ORBCAST_DEMO_EGRESS", "tcp://127.0.0.1:7451")
-PER_PUBLISHER = 25
+#: The demo's nodes use ports BASE..BASE+5 on loopback.
+BASE = int(os.environ.get("ORBCAST_DEMO_PORT", "7450"))
+PER_PUBLISHER = 60
 PY = sys.executable
 
 
@@ -38,85 +40,134 @@ def _pump(proc: subprocess.Popen[str], label: str, sink: list[str], show: int) -
             print(f"  [{label}] {line.rstrip()}", flush=True)
 
 
+def _node(root: Path, name: str, role: str, ports: tuple[int, int, int], peer_port: int,
+          env: dict[str, str]) -> subprocess.Popen[str]:
+    ing, egr, peer = ports
+    return subprocess.Popen(
+        [PY, "-m", "sequencer", "run", "--data", str(root / name), "--node-id", name,
+         "--role", role, "--ingress", f"tcp://127.0.0.1:{ing}", "--egress", f"tcp://127.0.0.1:{egr}",
+         "--peer", f"tcp://127.0.0.1:{peer}", "--peer-connect", f"tcp://127.0.0.1:{peer_port}",
+         "--log-level", "warning"], env=env, text=True)
+
+
+def _status(ep: str) -> dict:
+    from orbcast.envelope import StatusRequest
+    from orbcast.rpc import request
+    return request(ep, StatusRequest(rid=1), timeout=5).info
+
+
+def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    import time
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: timed out waiting for {what}")
+        time.sleep(0.05)
+
+
 def main() -> int:
+    import time
     root = Path.cwd() / "demo-data"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen[str]] = []
+    a_ports, b_ports = (BASE, BASE + 1, BASE + 2), (BASE + 3, BASE + 4, BASE + 5)
+    A, B = f"tcp://127.0.0.1:{a_ports[0]}", f"tcp://127.0.0.1:{b_ports[0]}"
+    seqs = ["--sequencer", A, "--sequencer", B]
 
     def plant(*args: str, **kw: object) -> subprocess.Popen[str]:
-        p = subprocess.Popen([PY, "-m", "plant", *args, "--sequencer", INGRESS], text=True,
-                             env=env, **kw)  # type: ignore[call-overload]
+        p = subprocess.Popen([PY, "-m", "plant", *args, *seqs], text=True, env=env, **kw)  # type: ignore[call-overload]
         procs.append(p)
         return p
 
     try:
-        say(f"starting a sequencer node (ingress {INGRESS}, egress {EGRESS}, data {root}/node)")
-        node = subprocess.Popen([PY, "-m", "sequencer", "run", "--data", str(root / "node"),
-                                 "--ingress", INGRESS, "--egress", EGRESS, "--node-id", "demo-node",
-                                 "--log-level", "warning"], env=env, text=True)
-        procs.append(node)
-        wait_ready(INGRESS, timeout=20)
-        print("  node is up (answered a PING)")
+        say(f"starting a primary (pi-a, ingress {A}) and a hot standby (pi-b, ingress {B})")
+        node_a = _node(root, "pi-a", "primary", a_ports, b_ports[2], env)
+        node_b = _node(root, "pi-b", "standby", b_ports, a_ports[2], env)
+        procs += [node_a, node_b]
+        wait_ready(A, timeout=20)
+        wait_ready(B, timeout=20)
+        _wait(lambda: _status(A)["role"] == "active" and _status(A)["ha"]["standby"] == "in-sync"
+              and _status(B)["ha"]["eligible"], 20, "the pair to be in sync")
+        print("  pi-a is active (epoch 1), pi-b is an in-sync standby")
 
         total = 2 * PER_PUBLISHER
-        say(f"two consuming plants tail the stream from seq 1 (they will stop after {total})")
+        say(f"two consuming plants tail the stream from seq 1 (they stop after {total})")
         outs: dict[str, list[str]] = {"consumer-A": [], "consumer-B": []}
         threads = []
         for name in outs:
             c = plant("tail", "--from", "1", "--count", str(total), "--data", str(root / name),
                       "--producer-id", name, stdout=subprocess.PIPE)
-            t = threading.Thread(target=_pump, args=(c, name, outs[name], 12 if name == "consumer-A" else 0))
+            t = threading.Thread(target=_pump, args=(c, name, outs[name], 10 if name == "consumer-A" else 0))
             t.start()
             threads.append((c, t))
 
-        say("two publishing plants send sensor readings (each line is one message)")
+        say("two publishing plants send sensor readings, one line per message, ~40 a second")
         pubs = []
-        for name, topic, base in (("greenhouse", "sensors/greenhouse/temp", 21.0),
-                                  ("workshop", "sensors/workshop/humidity", 40.0)):
-            lines = "".join(f"{base + (i % 7) * 0.5:.1f}\n" for i in range(PER_PUBLISHER))
+        for name, topic in (("greenhouse", "sensors/greenhouse/temp"), ("workshop", "sensors/workshop/humidity")):
             p = plant("publish", topic, "--stdin", "--data", str(root / name), "--producer-id", name,
                       "--timeout", "60", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            pubs.append((name, p, lines))
-        for name, p, lines in pubs:
-            out, _ = p.communicate(lines, timeout=120)
-            seqs = out.split()
-            print(f"  {name}: {len(seqs)} messages acked, seqs {', '.join(seqs[:6])} ...")
+            pubs.append((name, p))
+        for i in range(PER_PUBLISHER):
+            for k, (name, p) in enumerate(pubs):
+                assert p.stdin is not None
+                p.stdin.write(f"{(21.0 if k == 0 else 40.0) + (i % 7) * 0.5:.1f}\n")
+                p.stdin.flush()
+            if i == PER_PUBLISHER // 2:
+                say("kill -9 the primary (pi-a) in the middle of the stream")
+                node_a.kill()
+                node_a.wait()
+            time.sleep(0.05)
+        for name, p in pubs:
+            out, _ = p.communicate(timeout=120)
+            got = out.split()
+            print(f"  {name}: {len(got)} messages acked, the last seqs {', '.join(got[-4:])}")
             if p.returncode != 0:
                 raise SystemExit(f"publisher {name} failed")
-
+        st = _status(B)
+        print(f"  pi-b took over: role {st['role']}, epoch {st['epoch']}, last seq {st['last_seq']}; "
+              f"the plants resent what pi-a had not acked and dedup kept it exactly once")
         for c, t in threads:
             c.wait(timeout=120)
             t.join(10)
         a, b = outs["consumer-A"], outs["consumer-B"]
         print(f"  ... consumer-A printed {len(a)} messages; consumer-B printed {len(b)}")
-        seqs = [int(line.split()[0]) for line in a]
-        ok = a == b and seqs == list(range(1, total + 1))
-        print(f"  both consumers delivered the identical, gap-free sequence 1..{total}: "
-              f"{'yes' if ok else 'NO'}")
+        seqs_seen = [int(line.split()[0]) for line in a]
+        ok = a == b and seqs_seen == list(range(1, total + 1))
+        print(f"  both consumers delivered the identical, gap-free sequence 1..{total} across the "
+              f"failover: {'yes' if ok else 'NO'}")
 
-        say("replay of the log (plant replay --from 1 --format text), first and last lines")
-        r = subprocess.run([PY, "-m", "plant", "replay", "--from", "1", "--format", "text",
-                            "--sequencer", INGRESS, "--data", str(root / "cli"), "--producer-id", "cli"],
+        say("replay of the log from the new active node: epochs change, seqs do not skip")
+        r = subprocess.run([PY, "-m", "plant", "replay", "--from", "1", "--format", "jsonl", *seqs,
+                            "--data", str(root / "cli"), "--producer-id", "cli"],
                            env=env, text=True, capture_output=True, timeout=60, check=True)
-        lines = r.stdout.splitlines()
-        for line in lines[:4] + ["  ..."] + lines[-3:]:
-            print(f"  {line}")
-        say("the same record as JSON lines (plant replay --from 3 --to 3)")
-        r = subprocess.run([PY, "-m", "plant", "replay", "--from", "3", "--to", "3",
-                            "--sequencer", INGRESS, "--data", str(root / "cli"), "--producer-id", "cli"],
-                           env=env, text=True, capture_output=True, timeout=60, check=True)
-        print(f"  {r.stdout.strip()}")
-        say("plant status (the node's view and this plant's)")
-        subprocess.run([PY, "-m", "plant", "status", "--sequencer", INGRESS,
-                        "--data", str(root / "greenhouse"), "--producer-id", "greenhouse"],
-                       env=env, timeout=30)
-        say("stopping the node (SIGTERM: it commits, snapshots and exits cleanly)")
-        node.send_signal(signal.SIGTERM)
-        node.wait(timeout=20)
-        print(f"  exit code {node.returncode}. Data stays in {root} for you to inspect.")
-        return 0 if ok and node.returncode == 0 else 1
+        import json
+        recs = [json.loads(line) for line in r.stdout.splitlines()]
+        by_epoch: dict[int, list[int]] = {}
+        for rec in recs:
+            by_epoch.setdefault(rec["epoch"], []).append(rec["seq"])
+        for e, ss in sorted(by_epoch.items()):
+            print(f"  epoch {e}: seqs {ss[0]}..{ss[-1]} ({len(ss)} records)")
+        print(f"  {json.dumps(recs[-1])}")
+
+        say("the old primary comes back: it sees the newer epoch and rejoins as standby")
+        node_a = _node(root, "pi-a", "primary", a_ports, b_ports[2], env)
+        procs.append(node_a)
+        wait_ready(A, timeout=20)
+        _wait(lambda: _status(A)["role"] == "standby" and _status(B)["ha"]["standby"] == "in-sync",
+              30, "pi-a to rejoin")
+        sa, sb = _status(A), _status(B)
+        print(f"  pi-a: role {sa['role']}; pi-b: role {sb['role']}, standby {sb['ha']['standby']} "
+              "(no automatic fail-back)")
+        say("sequencer status of the active node")
+        subprocess.run([PY, "-m", "sequencer", "status", "--sequencer", B], env=env, timeout=30)
+        say("stopping both nodes (SIGTERM: they commit, snapshot and exit cleanly)")
+        for n in (node_a, node_b):
+            n.send_signal(signal.SIGTERM)
+        codes = [n.wait(timeout=20) for n in (node_a, node_b)]
+        print(f"  exit codes {codes}. Data stays in {root} for you to inspect.")
+        return 0 if ok and codes == [0, 0] else 1
     finally:
         for p in procs:
             if p.poll() is None:
