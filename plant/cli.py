@@ -5,8 +5,9 @@
     plant replay --from SEQ [--to SEQ] [--since TIME] [--until TIME] [--topic PREFIX]
                  [--format jsonl|text] [--output FILE] [--follow]
     plant status
+    plant keys generate [--out DIR] | plant keys show [--key FILE]
 
-Every command takes ``--sequencer EP`` (repeatable; a node's ingress
+Every command but ``keys`` takes ``--sequencer EP`` (repeatable; a node's ingress
 endpoint), ``--config FILE`` and the ``ORBCAST_PLANT_*`` environment, like
 the library.
 """
@@ -133,7 +134,47 @@ def _parser() -> argparse.ArgumentParser:
     _common(st)
     st.add_argument("--json", action="store_true")
     st.add_argument("--timeout", type=float, default=5.0)
+
+    _keys_parsers(sub)
     return p
+
+
+# --- plant keys (link security identities; see docs/security.md) -----------------------------
+
+
+def _default_key_dir() -> Path:
+    import os
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "orbcast"
+
+
+def _keys_parsers(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="long-term identity keys for link security")
+    ksub = keys.add_subparsers(dest="keys_cmd", required=True)
+    gen = ksub.add_parser("generate", help="write a new X25519 identity (private file mode 0600)")
+    gen.add_argument("--out", default=None, metavar="DIR",
+                     help="directory for identity.key and identity.pub "
+                          "(default: $XDG_CONFIG_HOME/orbcast or ~/.config/orbcast)")
+    gen.add_argument("--debug", action="store_true", help="show tracebacks")
+    show = ksub.add_parser("show", help="print the public key in copy-pasteable form")
+    show.add_argument("--key", default=None, metavar="FILE",
+                      help="private key file (default: identity.key in the default directory)")
+    show.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _keys(a: argparse.Namespace) -> int:
+    from orbcast.keys import fingerprint, generate_identity_file, load_identity
+    if a.keys_cmd == "generate":
+        ident, key_path, pub_path = generate_identity_file(Path(a.out) if a.out else _default_key_dir())
+        print(ident.public_text)
+        print(f"wrote {key_path} (private, mode 0600) and {pub_path}; fingerprint "
+              f"{fingerprint(ident.public)}. Add the public key to each sequencer node's allowlist.",
+              file=sys.stderr)
+        return 0
+    path = Path(a.key) if a.key else _default_key_dir() / "identity.key"
+    ident = load_identity(path)
+    print(ident.public_text)
+    print(f"{path}: fingerprint {fingerprint(ident.public)}", file=sys.stderr)
+    return 0
 
 
 def _config(a: argparse.Namespace) -> cfgmod.PlantConfig:
@@ -143,6 +184,8 @@ def _config(a: argparse.Namespace) -> cfgmod.PlantConfig:
 
 def _dispatch(a: argparse.Namespace) -> int:
     setup_logging("debug" if a.debug else "warning")
+    if a.cmd == "keys":
+        return _keys(a)
     cfg = _config(a)
     if a.cmd == "publish":
         return _publish(a, cfg)
