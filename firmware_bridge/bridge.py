@@ -298,7 +298,7 @@ class Bridge:
             self.counters["publish_failures"] += 1
             log.warning("publish on %s failed: %s", topic, exc)
             return
-        t.acked.add_done_callback(self._on_acked)
+        t.add_done_callback(self._on_acked)
 
     def _on_acked(self, fut: Any) -> None:
         exc = fut.exception()

@@ -11,6 +11,8 @@ import logging
 import sys
 from typing import Callable, Sequence
 
+import zmq
+
 from .errors import OrbcastError
 
 __all__ = ["run_main", "setup_logging"]
@@ -31,7 +33,7 @@ def run_main(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         return 130
     except BrokenPipeError:
         return 0
-    except (OrbcastError, OSError, ValueError) as exc:
+    except (OrbcastError, OSError, ValueError, zmq.ZMQError) as exc:
         if getattr(args, "debug", False):
             raise
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

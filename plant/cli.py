@@ -335,11 +335,16 @@ def _status(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
     data = Path(cfg.data)
     ob = data / "outbox" / cfg.producer_id
     if ob.exists():
+        from orbcast.errors import ConfigError
         from .outbox import Outbox
-        box = Outbox(ob, max_count=cfg.outbox_max_count, max_bytes=cfg.outbox_max_bytes)
-        local["outbox_depth"] = box.count
-        local["next_producer_seq"] = box.next_pseq
-        box.close()
+        try:
+            box = Outbox(ob, max_count=cfg.outbox_max_count, max_bytes=cfg.outbox_max_bytes)
+        except ConfigError:
+            local["outbox_depth"] = "in use by a running plant with this producer id"
+        else:
+            local["outbox_depth"] = box.count
+            local["next_producer_seq"] = box.next_pseq
+            box.close()
     else:
         local["outbox_depth"] = 0
     last = max((v.get("last_seq", 0) for v in info.values() if isinstance(v, dict)), default=0)

@@ -114,32 +114,81 @@ class MemoryOutbox:
 class Ticket:
     """Handle of a non-blocking publish.
 
-    ``accepted`` resolves to the producer_seq once the message is durable in
-    the outbox (or fails with :class:`OutboxFull`); ``acked`` resolves to the
-    canonical seq once the sequencer acked it.
+    :meth:`wait_accepted` returns the producer_seq once the message is
+    durable in the outbox (or raises :class:`OutboxFull`); :meth:`result`
+    returns the canonical seq once the sequencer acked it. Tickets are
+    plain slotted objects completed by the plant's engine thread (no Future
+    per message: this is the hot path of every publisher).
     """
 
-    __slots__ = ("topic", "payload", "accepted", "acked")
+    __slots__ = ("topic", "payload", "pseq", "seq", "error", "_cond", "_callbacks")
 
-    def __init__(self, topic: str, payload: bytes) -> None:
+    def __init__(self, topic: str, payload: bytes, cond: threading.Condition) -> None:
         self.topic = topic
         self.payload = payload
-        self.accepted: Future[int] = Future()
-        self.acked: Future[int] = Future()
+        #: producer_seq once accepted into the outbox
+        self.pseq: int | None = None
+        #: canonical seq once acked
+        self.seq: int | None = None
+        #: why it can never be acked (OutboxFull, a rejection by the node)
+        self.error: BaseException | None = None
+        self._cond = cond
+        self._callbacks: list[Callable[["Ticket"], Any]] | None = None
+
+    def _wait(self, ready: Callable[[], bool], timeout: float | None, what: str) -> None:
+        if ready():
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not ready():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise OrbcastTimeout(what)
+                self._cond.wait(0.5 if left is None else min(left, 0.5))
 
     def wait_accepted(self, timeout: float | None = None) -> int:
         """Block until durable in the outbox; returns the producer_seq."""
-        try:
-            return self.accepted.result(timeout)
-        except FutureTimeout:
-            raise OrbcastTimeout("message not accepted into the outbox in time") from None
+        self._wait(lambda: self.pseq is not None or self.error is not None, timeout,
+                   "message not accepted into the outbox in time")
+        if self.pseq is None:
+            raise self.error  # type: ignore[misc]
+        return self.pseq
 
     def result(self, timeout: float | None = None) -> int:
-        """Block until acked; returns the seq. Raises :class:`OrbcastTimeout`."""
-        try:
-            return self.acked.result(timeout)
-        except FutureTimeout:
-            raise OrbcastTimeout("no ack within the timeout (the message stays in the outbox)") from None
+        """Block until acked; returns the seq. Raises :class:`OrbcastTimeout`
+        (the message stays in the outbox and will still be sent)."""
+        self._wait(self.done, timeout,
+                   "no ack within the timeout (the message stays in the outbox)")
+        if self.seq is None:
+            raise self.error  # type: ignore[misc]
+        return self.seq
+
+    def done(self) -> bool:
+        """True once acked or failed."""
+        return self.seq is not None or self.error is not None
+
+    def exception(self) -> BaseException | None:
+        """The failure, if it failed (does not wait)."""
+        return self.error
+
+    def add_done_callback(self, fn: Callable[["Ticket"], Any]) -> None:
+        """Call ``fn(ticket)`` once it is acked or failed (from the engine
+        thread, or at once if already done). Keep ``fn`` short."""
+        if self.done():
+            fn(self)
+        else:
+            if self._callbacks is None:
+                self._callbacks = []
+            self._callbacks.append(fn)
+
+    # engine side
+    def _finish(self) -> None:
+        cbs, self._callbacks = self._callbacks, None
+        for fn in cbs or ():
+            try:
+                fn(self)
+            except Exception:
+                log.exception("publish callback raised")
 
 
 def parse_start(spec: str | int | None, *, now_ns: int | None = None) -> Start:
@@ -369,7 +418,7 @@ class Plant:
             payload = payload.encode("utf-8")
         env.check_topic(topic)
         payload = env.check_payload(payload)
-        t = Ticket(topic, payload)
+        t = Ticket(topic, payload, self._cond)
         if len(self._submit) >= MAX_SUBMIT_QUEUE:
             with self._cond:
                 while len(self._submit) >= MAX_SUBMIT_QUEUE and not self._closed:
@@ -683,9 +732,6 @@ class Plant:
         batch: list[Ticket] = []
         while self._submit and len(batch) < MAX_FRAME_ITEMS * 4:
             batch.append(self._submit.popleft())
-        if len(batch) and self._submit is not None:
-            with self._cond:
-                self._cond.notify_all()
         try:
             pseqs = self._out_box.append([(t.topic, t.payload) for t in batch])
         except OutboxFull as exc:
@@ -694,12 +740,17 @@ class Plant:
                 return
             # accept what fits one by one is not worth it: refuse the group
             for t in batch:
-                t.accepted.set_exception(exc)
-                t.acked.set_exception(exc)
+                t.error = exc
+                t._finish()
+            with self._cond:
+                self._cond.notify_all()
             return
+        tickets = self._inflight_tickets
         for ps, t in zip(pseqs, batch):
-            self._inflight_tickets[ps] = t
-            t.accepted.set_result(ps)
+            tickets[ps] = t
+            t.pseq = ps
+        with self._cond:
+            self._cond.notify_all()
         self._unsent.extend(pseqs)
         self.counters["published"] += len(pseqs)
 
@@ -856,8 +907,10 @@ class Plant:
         tickets = self._inflight_tickets
         for i in range(0, len(pairs), 2):
             t = tickets.pop(pairs[i], None)
-            if t is not None and not t.acked.done():
-                t.acked.set_result(pairs[i + 1])
+            if t is not None and t.seq is None:
+                t.seq = pairs[i + 1]
+                if t._callbacks:
+                    t._finish()
         self.counters["acked"] += len(acked)
         if fl is not None:
             self._backoff = self.cfg.request_timeout_ms / 1000
@@ -885,6 +938,10 @@ class Plant:
         self._node = ev
         self._active_seen = now
         self._active_ep = self._current_ep
+        # a (new) active node answered: resend now, not after the backoff a
+        # standby's "not-active" answers built up during the failover
+        self._resend_at = 0.0
+        self._backoff = self.cfg.request_timeout_ms / 1000
         for s in self._subs:
             if s.tracker.next_seq is not None:
                 s.tracker.on_heartbeat(ev.last_seq, now)
@@ -916,7 +973,8 @@ class Plant:
                 for p in pseqs:
                     t = self._inflight_tickets.pop(p, None)
                     if t is not None:
-                        t.acked.set_exception(exc)
+                        t.error = exc
+                        t._finish()
                 log.error("sequencer rejected %d messages: %s %s", len(pseqs), ev.code, ev.message)
             else:
                 self._unsent.extendleft(sorted(pseqs, reverse=True))
@@ -963,6 +1021,8 @@ class Plant:
                         self._active_ep = ev.ingress
                         if ev.ingress != self._current_ep:
                             self._switch(ev.ingress, now)   # a new active node announced itself
+                        elif self._node is None:
+                            self._hello_at = 0.0          # our node just became active: greet it now
                     for s in subs:
                         s.tracker.on_heartbeat(ev.last_seq, now)
             except RemoteProtocolError as exc:

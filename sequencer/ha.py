@@ -143,6 +143,10 @@ class HaCore:
         self.standby_heard_ack = False  # active: the standby acked in this epoch
         self.degraded = False
         self.transitions: list[tuple[float, Role, Input, Role]] = []
+        #: our log's newest seq (the driver keeps it current)
+        self.own_last_seq = 0
+        #: why a booting node refuses to become active, for status
+        self.blocked: str | None = None
 
     # --- time guards -----------------------------------------------------------
 
@@ -194,6 +198,15 @@ class HaCore:
             self.repl = ReplState.SYNCING      # it is back: resync before it counts
         inp = {Role.PRIMARY.value: Input.PEER_PRIMARY, Role.BACKUP.value: Input.PEER_BACKUP,
                Role.PASSIVE.value: Input.PEER_PASSIVE}.get(role)
+        if (inp in (Input.PEER_BACKUP, Input.PEER_PASSIVE) and self.role is Role.PRIMARY
+                and last_seq > self.own_last_seq):
+            # the peer holds more of the log than we do (our disk was replaced
+            # or restored from an old backup): leading now would make it set
+            # its records aside. Wait for the operator to promote the peer.
+            self.blocked = (f"peer {node} holds seqs up to {last_seq}, this node only "
+                            f"{self.own_last_seq}: promote the peer instead")
+            return None
+        self.blocked = None
         return self.feed(inp, now) if inp else None
 
     def on_vote(self, epoch_seen: int, now: float) -> Role | None:

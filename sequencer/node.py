@@ -553,10 +553,14 @@ class SequencerNode:
 
     def _on_peer_hb(self, hb: peerlink.PeerHeartbeat, now: float) -> None:
         old_role = self.ha.role
+        self.ha.own_last_seq = self.log.last_seq
         new = self.ha.on_peer_heartbeat(node=hb.node, role=hb.role, epoch=hb.epoch,
                                         last_seq=hb.last_seq, in_sync=hb.in_sync,
                                         ingress=hb.ingress, egress=hb.egress, now=now)
         self._apply_role(new, now)
+        if self.ha.blocked and self.ha.blocked != getattr(self, "_blocked_logged", None):
+            log.error("not becoming active: %s", self.ha.blocked)
+        self._blocked_logged = self.ha.blocked
         if self.ha.role is Role.PASSIVE and hb.role == "active" and hb.epoch >= self.ha.max_epoch:
             if self._synced_epoch != hb.epoch:
                 self._check_history(hb)
@@ -730,6 +734,7 @@ class SequencerNode:
                 "in_sync": (ha.repl is ReplState.IN_SYNC) if ha.role is Role.ACTIVE else ha.told_in_sync,
                 "eligible": ha.eligible(now) if ha.role is Role.PASSIVE else None,
                 "max_epoch": ha.max_epoch, "require_standby": ha.require_standby,
+                "blocked": ha.blocked,
                 "epochs": self.state["epochs"],
             }
         return out

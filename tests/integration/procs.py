@@ -79,8 +79,8 @@ def _report_acks(out, tickets: list, *, block: bool) -> list:  # type: ignore[no
     """Log ``K`` for acked tickets; with ``block`` wait for all of them."""
     keep = []
     for t in tickets:
-        if block or t.acked.done():
-            out.write(f"K {t.accepted.result()} {t.result(300)}\n")
+        if block or t.done():
+            out.write(f"K {t.pseq} {t.result(300)}\n")
         else:
             keep.append(t)
     out.flush()
