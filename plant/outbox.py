@@ -209,6 +209,9 @@ COMPACT_WRITE_CHUNK: Final = 1 << 20
 _ORDER_SLACK: Final = 1024
 
 _ENTRY_OVERHEAD: Final = RECORD_HEAD.size + ENTRY_FIXED.size
+#: Validated topic encodings kept by append(); a plant uses few topics, and the
+#: bound keeps one cycling through unique topics from growing it.
+TOPIC_CACHE_SIZE: Final = 1024
 
 
 def _encode_entries(entries: Iterable[tuple[int, bytes, bytes]], out: list[bytes]) -> int:
@@ -342,6 +345,8 @@ class Outbox:
         self._end = 0  # file size as far as we wrote it
         self._live = 0  # header + records of pending entries: what compaction keeps
         self._broken: BaseException | None = None
+        #: topic -> its UTF-8 bytes, for topics already validated (bounded)
+        self._topic_cache: dict[str, bytes] = {}
         self._closed = False
         self._fd = -1
         self._lock_fd = -1
@@ -442,29 +447,40 @@ class Outbox:
         n = len(items)
         if n == 0:
             return []
-        prepared: list[tuple[str, bytes, bytes]] = []
+        # One pass: validate (topics through a small cache: a plant publishes on
+        # few topics) and encode the ENTRY records. This is every publisher's
+        # hot path, so no call per entry beyond struct/crc.
+        cache = self._topic_cache
+        first = self._next_pseq
+        start_pack = RECORD_HEAD_START.pack
+        fixed_pack = ENTRY_FIXED.pack
+        crc32 = zlib.crc32
+        fixed_size = ENTRY_FIXED.size
+        parts: list[bytes] = []
+        prepared: list[tuple[str, bytes, int]] = []
         add = 0
+        pseq = first
         for topic, payload in items:
-            if not isinstance(topic, str):
-                raise LocalProtocolError(f"topic must be str, got {type(topic).__name__}")
-            if not isinstance(payload, bytes):
+            raw_topic = cache.get(topic) if type(topic) is str else None
+            if raw_topic is None:
+                raw_topic = self._check_topic(topic)
+            if type(payload) is not bytes:
                 if not isinstance(payload, (bytearray, memoryview)):
                     raise LocalProtocolError(f"payload must be bytes, got {type(payload).__name__}")
                 payload = bytes(payload)
-            try:
-                raw_topic = topic.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise LocalProtocolError(f"topic {topic!r} is not valid UTF-8: {exc}") from exc
-            if len(raw_topic) > MAX_TOPIC_BYTES:
-                raise LocalProtocolError(
-                    f"topic of {len(raw_topic)} bytes exceeds {MAX_TOPIC_BYTES} bytes"
-                )
-            if ENTRY_FIXED.size + len(raw_topic) + len(payload) > MAX_RECORD_BODY:
+            nbytes = len(raw_topic) + len(payload)
+            length = fixed_size + nbytes
+            if length > MAX_RECORD_BODY:
                 raise LocalProtocolError(
                     f"message of {len(payload)} bytes exceeds the outbox record limit"
                 )
-            prepared.append((topic, raw_topic, payload))
-            add += len(raw_topic) + len(payload)
+            start = start_pack(RECORD_MAGIC, KIND_ENTRY, 0, length)
+            fixed = fixed_pack(pseq, len(raw_topic))
+            crc = crc32(payload, crc32(raw_topic, crc32(fixed, crc32(start))))
+            parts += (start, crc.to_bytes(4, "big"), fixed, raw_topic, payload)
+            prepared.append((topic, payload, nbytes))
+            add += nbytes
+            pseq += 1
         if n > self._max_count or add > self._max_bytes:
             raise LocalProtocolError(
                 f"a batch of {n} messages / {add} bytes can never fit an outbox bounded "
@@ -473,12 +489,8 @@ class Outbox:
         count = len(self._entries)
         if count + n > self._max_count or self._size + add > self._max_bytes:
             raise OutboxFull(count, self._size, self._max_count, self._max_bytes)
-        first = self._next_pseq
         if first + n - 1 > MAX_PSEQ:  # 2**64 pseqs: unreachable in practice
             raise LocalProtocolError("producer_seq space exhausted")
-
-        parts: list[bytes] = []
-        _encode_entries(((first + i, t, p) for i, (_, t, p) in enumerate(prepared)), parts)
         data = b"".join(parts)
         old_end = self._end
         try:
@@ -492,16 +504,31 @@ class Outbox:
 
         # Point of no return passed: the batch is on disk. Now move memory.
         entries = self._entries
-        order = self._order
-        for i, (topic, raw_topic, payload) in enumerate(prepared):
-            nbytes = len(raw_topic) + len(payload)
-            entries[first + i] = (topic, payload, nbytes)
-            order.append(first + i)
+        for i, entry in enumerate(prepared, first):
+            entries[i] = entry
+        self._order.extend(range(first, first + n))
         self._size += add
         self._end = old_end + len(data)
         self._live += len(data)
         self._next_pseq = first + n
         return list(range(first, first + n))
+
+    def _check_topic(self, topic: object) -> bytes:
+        """Validate a topic not seen before and remember its encoding."""
+        if not isinstance(topic, str):
+            raise LocalProtocolError(f"topic must be str, got {type(topic).__name__}")
+        try:
+            raw_topic = topic.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise LocalProtocolError(f"topic {topic!r} is not valid UTF-8: {exc}") from exc
+        if len(raw_topic) > MAX_TOPIC_BYTES:
+            raise LocalProtocolError(
+                f"topic of {len(raw_topic)} bytes exceeds {MAX_TOPIC_BYTES} bytes"
+            )
+        if len(self._topic_cache) >= TOPIC_CACHE_SIZE:
+            self._topic_cache.clear()
+        self._topic_cache[topic] = raw_topic
+        return raw_topic
 
     def get(self, pseq: int) -> tuple[str, bytes] | None:
         """``(topic, payload)`` of a pending entry, or ``None`` if acked or unknown. O(1)."""
