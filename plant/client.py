@@ -352,6 +352,7 @@ class Plant:
         self._woken = False
         self._inflight_tickets: dict[int, Ticket] = {}
         self._blocked: deque[Ticket] = deque()   # waiting for outbox space (on_full="block")
+        self._accepting = False                  # the engine holds tickets between queue and outbox
         self._out_box: Outbox | MemoryOutbox
         if outbox:
             self._out_box = Outbox(self._data / "outbox" / cfg.producer_id,
@@ -433,7 +434,7 @@ class Plant:
         Raises :class:`OrbcastTimeout` (the rest stays in the outbox)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._submit or self._blocked or self._out_box.count:
+            while self._submit or self._blocked or self._accepting or self._out_box.count:
                 self._check_open()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise OrbcastTimeout(f"{self.outbox_depth} messages not yet acked")
@@ -729,19 +730,30 @@ class Plant:
             self._blocked.clear()
         if not self._submit:
             return
+        box = self._out_box
+        room = MAX_FRAME_ITEMS * 4
+        if self.on_full == "block":
+            # take only what fits: retrying a whole batch against a full outbox
+            # wastes the engine's time and starves the sender
+            room = min(room, box.max_count - box.count)
+            if room <= 0:
+                return
+        self._accepting = True                   # before popping: flush() must not miss them
         batch: list[Ticket] = []
-        while self._submit and len(batch) < MAX_FRAME_ITEMS * 4:
+        while self._submit and len(batch) < room:
             batch.append(self._submit.popleft())
         try:
             pseqs = self._out_box.append([(t.topic, t.payload) for t in batch])
         except OutboxFull as exc:
             if self.on_full == "block":
                 self._blocked.extend(batch)
+                self._accepting = False
                 return
             # accept what fits one by one is not worth it: refuse the group
             for t in batch:
                 t.error = exc
                 t._finish()
+            self._accepting = False
             with self._cond:
                 self._cond.notify_all()
             return
@@ -749,6 +761,7 @@ class Plant:
         for ps, t in zip(pseqs, batch):
             tickets[ps] = t
             t.pseq = ps
+        self._accepting = False
         with self._cond:
             self._cond.notify_all()
         self._unsent.extend(pseqs)

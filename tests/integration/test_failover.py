@@ -45,13 +45,15 @@ def run_failover_round(tmp_path: Path, procs: list, node_factory, rnd: int, rng:
     a, b = start_pair(node_factory, f"{rnd}")
     n_each = 4000
     pubs = [plant_proc(tmp_path, procs, "publisher", f"p{i}r{rnd}", [a, b], "--count", str(n_each),
-                       "--batch", "64") for i in range(2)]
+                       "--batch", "64", "--rate", "2500") for i in range(2)]
     cons = [plant_proc(tmp_path, procs, "consumer", f"c{i}r{rnd}", [a, b],
                        "--count", str(2 * n_each), "--start", "1") for i in range(2)]
     kill_after = rng.randint(200, 3 * n_each // 2)
     wait_for(lambda: sum(len(read_out(tmp_path / f"p{i}r{rnd}.out")["K"]) for i in range(2)) >= kill_after,
              60, f"{kill_after} acks before the kill")
     a.kill9()
+    acked_at_kill = sum(len(read_out(tmp_path / f"p{i}r{rnd}.out")["K"]) for i in range(2))
+    assert acked_at_kill < 2 * n_each, "the kill came after the stream ended: nothing to fail over"
     for p in pubs + cons:
         assert p.wait(60) == 0, p.output()[-3000:]
     acks = acks_of(tmp_path, [f"p{i}r{rnd}" for i in range(2)])

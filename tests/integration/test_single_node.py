@@ -167,3 +167,23 @@ def test_garbage_and_oversized_frames_get_errors_and_node_keeps_serving(
     finally:
         s.close(0)
         ctx.term()
+
+
+@pytest.mark.parametrize("outbox", [True, False])
+def test_flush_returns_only_when_everything_is_acked(tmp_path: Path, procs: list, node_factory,
+                                                     outbox: bool) -> None:
+    """flush() must not return while the engine holds tickets between its
+    queue and the outbox (a race the benchmark found)."""
+    from orbcast.config import PlantConfig
+    from plant.client import Plant
+    node = node_factory().start()
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id=f"f{int(outbox)}",
+                      data=str(tmp_path / "pl"), outbox_max_count=5000)
+    with Plant(cfg, outbox=outbox, on_full="block") as p:
+        for rnd in range(3):
+            tickets = [p.publish_nowait("t/f", b"x" * 64) for _ in range(12_000)]
+            p.flush(60)
+            assert all(t.done() for t in tickets), f"round {rnd}: flush returned early"
+            assert p.outbox_depth == 0
+    seqs = [t.seq for t in tickets]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
