@@ -790,7 +790,9 @@ def decode(frames: Sequence[bytes]) -> Event:
                          ingress=m["ingress"])
     if kind == Kind.HELLO:
         m = _map(body, {"client": ("text", False), "epoch": ("uint", False)})
-        vote = body.get("vote", False)
+        vote = body.get("vote")
+        if vote is None:                       # absent or null: not a vote
+            vote = False
         if type(vote) is not bool:
             raise RemoteProtocolError("vote must be a bool")
         return Hello(rid=rid, client=m["client"] or "", vote=vote, epoch=m["epoch"] or 0)

@@ -254,7 +254,7 @@ class Subscription:
     def get(self, timeout: float | None = None) -> Message | None:
         """The next message, or ``None`` when the subscription is finished or
         closed. Raises :class:`OrbcastTimeout` if ``timeout`` passes first."""
-        if self._auto and self._last is not None:
+        if self._cp is not None and self._auto and self._last is not None:
             self.ack(self._last)
         ready = self.tracker.ready
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -279,7 +279,7 @@ class Subscription:
                             wait = min(wait, left)
                         cond.wait(wait)
                 continue
-            if len(ready) < self.tracker.ready_limit // 2 and self.tracker._owed:
+            if self.tracker._owed and len(ready) < self.tracker.ready_limit // 2:
                 self._plant._wake()
             self._last = m.seq
             self.delivered += 1

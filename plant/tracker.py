@@ -41,7 +41,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 from orbcast.envelope import MAX_SEQ, Cancel, Credit, Message, ReplayRequest
 
@@ -260,10 +260,21 @@ class Tracker:
 
     # --- internals -------------------------------------------------------------
 
-    def _deliver(self, msgs: Iterable[Message], from_seq: int) -> None:
+    def _deliver(self, msgs: list[Message], from_seq: int) -> None:
         prefix = self.prefix
         to = self.to_seq
         ready = self.ready
+        if not prefix and to is None:
+            # the common case (everything, unbounded): skip what we have, take the rest
+            if msgs and msgs[0].seq >= from_seq:
+                ready.extend(msgs)
+                return
+            i = 0
+            n = len(msgs)
+            while i < n and msgs[i].seq < from_seq:
+                i += 1
+            ready.extend(msgs[i:])
+            return
         for m in msgs:
             if m.seq < from_seq:
                 continue

@@ -141,6 +141,7 @@ class HaCore:
         self.repl = ReplState.SYNCING if has_peer else ReplState.NONE
         self.standby_acked = 0        # active: standby holds everything <= this
         self.standby_heard_ack = False  # active: the standby acked in this epoch
+        self.ack_heard = -1.0           # active: when the standby's last ack arrived
         self.degraded = False
         self.transitions: list[tuple[float, Role, Input, Role]] = []
         #: our log's newest seq (the driver keeps it current)
@@ -194,8 +195,8 @@ class HaCore:
                 self.told_in_sync = in_sync
             newer = epoch > self.epoch or (self.role is not Role.ACTIVE and epoch >= self.epoch)
             return self.feed(Input.PEER_ACTIVE_NEWER if newer else Input.PEER_ACTIVE_OLDER, now)
-        if self.role is Role.ACTIVE and self.repl in (ReplState.SILENT, ReplState.SOLO):
-            self.repl = ReplState.SYNCING      # it is back: resync before it counts
+        # (an active node's view of its standby changes only with its acks:
+        # a heartbeat proves the standby is alive, not that it holds our records)
         inp = {Role.PRIMARY.value: Input.PEER_PRIMARY, Role.BACKUP.value: Input.PEER_BACKUP,
                Role.PASSIVE.value: Input.PEER_PASSIVE}.get(role)
         if (inp in (Input.PEER_BACKUP, Input.PEER_PASSIVE) and self.role is Role.PRIMARY
@@ -225,8 +226,11 @@ class HaCore:
         """Timers: the active node's view of its standby."""
         if self.role is not Role.ACTIVE or not self.has_peer:
             return
-        silent = self.peer_silent(now)
-        ref = self.peer.heard if self.peer.heard >= 0 else self.started
+        # the standby counts as there only while its *acks* arrive: heartbeats
+        # alone would hide a link that fails in our direction only (it would
+        # hear nothing, ack nothing, and we would wait for it forever)
+        ref = self.ack_heard if self.ack_heard >= 0 else self.started
+        silent = now - ref >= self.failover_s
         if self.repl is ReplState.IN_SYNC and silent:
             self.repl = ReplState.SILENT
         if self.repl is ReplState.SILENT:
@@ -243,6 +247,7 @@ class HaCore:
     def on_standby_ack(self, acked: int, *, last_seq: int, now: float) -> None:
         """The standby durably holds everything up to ``acked``."""
         self.peer.heard = now
+        self.ack_heard = now
         self.standby_acked = acked
         self.standby_heard_ack = True
         if self.repl in (ReplState.SILENT,):

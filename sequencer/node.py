@@ -314,6 +314,11 @@ class SequencerNode:
             while not self._stop:
                 now_m = time.monotonic()
                 if now_m >= next_hb:
+                    if self.peer_in is not None:
+                        # read the peer first: after a long stall a newer leader
+                        # may exist, and the timers below must not see silence
+                        # that is only our own, then release under an old epoch
+                        self._drain_peer()
                     self._heartbeat()
                     next_hb = now_m + hb_period
                     self._housekeeping(now_m)

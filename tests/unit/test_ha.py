@@ -140,3 +140,17 @@ def test_single_node_is_always_local() -> None:
     c = core(R.ACTIVE, has_peer=False, epoch=1)
     c.tick(1000.0, last_seq=5)
     assert c.repl is ReplState.NONE and c.gate() == "local"
+
+
+def test_standby_heartbeats_without_acks_do_not_keep_it_in_sync() -> None:
+    """A link that fails only towards the standby: it still sends heartbeats
+    but hears nothing and acks nothing. The active node must treat it as
+    gone (and go solo after the grace), not wait for it forever."""
+    c = core(R.ACTIVE, parity=1, epoch=1)
+    hb(c, "standby", 0, 100.0)
+    c.on_standby_ack(10, last_seq=10, now=100.0)
+    assert c.repl is ReplState.IN_SYNC
+    for k in range(1, 30):                 # heartbeats keep coming, acks do not
+        hb(c, "standby", 0, 100.0 + k * 0.1)
+        c.tick(100.0 + k * 0.1, last_seq=20)
+    assert c.repl is ReplState.SOLO and c.gate() == "local"
