@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a sequencer node in the foreground")
-    r.add_argument("--data", help="data directory (log, dedup snapshot, epoch)")
+    r.add_argument("--data", help="data directory (log, dedup snapshot, node-state.json)")
     r.add_argument("--config", help="TOML config file ([sequencer] section)")
     r.add_argument("--ingress", help="ROUTER endpoint to bind (default tcp://127.0.0.1:7400)")
     r.add_argument("--egress", help="PUB endpoint to bind (default tcp://127.0.0.1:7401)")

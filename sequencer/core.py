@@ -40,9 +40,9 @@ __all__ = ["DedupTable", "SequencerCore", "Released", "UNKNOWN_OLD"]
 
 #: Runs of (producer_seq -> seq) remembered per producer. A run is a stretch
 #: of consecutive producer seqs that got consecutive seqs (one publish frame
-#: usually makes one run), so 1024 runs cover at least 1024 and usually far
-#: more recent messages per producer: more than a plant's outbox can hold
-#: unacked. Older pairs are found by scanning the log (rare, counted).
+#: usually makes one run), so 4096 runs cover at least 4096 and usually far
+#: more recent messages per producer. Older pairs are found by scanning the
+#: log (rare, counted).
 MAX_RUNS_PER_PRODUCER = 4096
 #: ...but the runs covering a producer's newest MIN_PSEQ_WINDOW producer seqs
 #: are never evicted: a plant's outbox (10,000 messages by default) can never
