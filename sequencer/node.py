@@ -68,6 +68,12 @@ REPL_CHUNK = 4096
 #: outstanding, resend from its last ack (a frame was lost on the link).
 REPL_REWIND_S = 0.5
 
+#: Records sequenced per loop turn at most: a turn must stay short (well
+#: under the heartbeat period) so heartbeats, peer traffic and votes are
+#: never starved by a flood of publishes, and so memory per turn is bounded.
+MAX_TURN_RECORDS = 16_384
+#: Replication frames a standby appends per loop turn before it fsyncs and acks.
+MAX_TURN_REPL_FRAMES = 2
 #: How often the node deletes segments older than retention_days.
 RETENTION_EVERY_S = 3600.0
 
@@ -325,10 +331,10 @@ class SequencerNode:
                     notifier.tick(now_m, status=self._status_line())   # WATCHDOG=1 from the loop itself
                 timeout = 0 if self.replays.ready else max(0.0, next_hb - now_m)
                 events = dict(poller.poll(timeout * 1000))
+                if self.peer_in is not None and self.peer_in in events:
+                    self._drain_peer()          # first: a vote must see fresh peer news
                 if self.ingress in events:
                     self._drain()
-                if self.peer_in is not None and self.peer_in in events:
-                    self._drain_peer()
                 if self.core is not None:
                     if self.core.has_unwritten:
                         self._commit()
@@ -344,7 +350,10 @@ class SequencerNode:
     def _drain(self) -> None:
         sock = self.ingress
         now_ns = time.time_ns()
+        core = self.core
         for _ in range(self.cfg.max_drain):
+            if core is not None and core.next_seq - core.durable_seq > MAX_TURN_RECORDS:
+                break                       # commit what we have; the rest waits a turn
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -532,7 +541,10 @@ class SequencerNode:
         assert self.peer_in is not None
         now = time.monotonic()
         appended = False
+        repl_frames = 0
         for _ in range(1024):
+            if repl_frames >= MAX_TURN_REPL_FRAMES:
+                break                       # fsync and ack this much; more next turn
             try:
                 frames = self.peer_in.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -548,7 +560,8 @@ class SequencerNode:
             if isinstance(msg, peerlink.PeerHeartbeat):
                 self._on_peer_hb(msg, now)
             elif isinstance(msg, peerlink.Repl):
-                appended |= self._on_repl(msg, now)
+                appended |= self._on_repl(msg, time.monotonic())
+                repl_frames += 1
             elif isinstance(msg, peerlink.ReplAck):
                 self._on_repl_ack(msg, now)
         if appended:
