@@ -1,5 +1,5 @@
 """The bench report: the table, the ratios orbcast / ceiling, the targets of
-issues 2 and 3, and where the figures came from (commit, machine).
+issues 2, 3, 4 (hot standby) and 6 (firmware bridge), and where the figures came from (commit, machine).
 
 Pure functions of the results dict that :mod:`bench.run` fills; nothing here
 starts a process or reads a clock.
@@ -88,6 +88,31 @@ def build_checks(res: dict[str, Any], big: bool) -> list[dict[str, Any]]:
     else:
         add("5% egress loss / loss-free (issue 3)", _get(res, "loss-5pct", "msg_s"),
             _get(res, "loss-free", "msg_s"), target=0.70, unit="msg/s")
+    # issue 4: hot standby
+    add("HA failover p99, kill -> new epoch (issue 4)", _get(res, "ha-failover", "p99_ms"), None,
+        kind="max", target=1000, unit="ms",
+        note=f"{_get(res, 'ha-failover', 'samples')} samples, "
+             f"{_get(res, 'ha-failover', 'rounds')} rounds")
+    add("HA failover median (issue 4)", _get(res, "ha-failover", "median_ms"), None,
+        target=None, unit="ms", kind="info")
+    add("replicated / single-node 64 B (issue 4)", _get(res, "ha-repl", "msg_s"),
+        _get(res, "ha-single", "msg_s"), target=0.60, unit="msg/s",
+        note="single node interleaved in the same bench")
+    if _get(res, "orb-64", "msg_s"):
+        add("replicated / orb-64", _get(res, "ha-repl", "msg_s"), _get(res, "orb-64", "msg_s"),
+            unit="msg/s", note="informative")
+    if res.get("ha-tput-failed"):
+        out.append({"check": "replicated / single-node 64 B (issue 4)", "value": 0.0,
+                    "unit": "msg/s", "target": ">= 60%", "pass": False,
+                    "note": "NO FIGURE: " + res["ha-tput-failed"]["error"][:70]})
+    # issue 6: firmware bridge
+    add("bridge idle CPU, 10 sensors @ 1 Hz (issue 6)", _get(res, "bridge-idle", "cpu_pct"), None,
+        kind="max", target=1, unit="%", note="share of one core")
+    hwm = _get(res, "bridge-idle", "vmhwm_kb")
+    add("bridge peak RSS (issue 6)", hwm / 1024 if hwm else None, None, kind="max", target=50,
+        unit="MB")
+    add("Button press -> plant p99 (issue 6)", _get(res, "bridge-press", "p99_ms"), None,
+        kind="max", target=20, unit="ms", note=f"{_get(res, 'bridge-press', 'n')} presses")
     add("disk outbox / memory outbox publish (issue 3)", _get(res, "outbox-disk", "publish_msg_s"),
         _get(res, "outbox-memory", "publish_msg_s"), target=0.70, unit="msg/s")
     return out
@@ -168,6 +193,41 @@ def render_table(res: dict[str, Any]) -> str:
             if v.get("rounds") and len(v["rounds"]) > 1:
                 extra += f", mean of rounds {v['rounds']}"
             r(lab, f"{v['publish_msg_s']:>12,.0f} msg/s", extra)
+    for k, lab in (("ha-single", "orbcast 64 B single node (issue 4 pair)"),
+                   ("ha-repl", "orbcast 64 B, primary + standby in sync")):
+        v = res.get(k)
+        if v:
+            extra = (f"publish {v['publish_msg_s']:,.0f}/s, active node "
+                     f"{v['node_cpu_us_per_msg']} us CPU/msg, "
+                     f"{v.get('msgs_per_fsync', '?')} msgs/fsync")
+            sb = v.get("standby")
+            if sb:
+                extra += (f", standby {sb.get('cpu_s', 0) / max(1, v['n']) * 1e6:.1f} us CPU/msg, "
+                          f"holds {sb.get('last_seq'):,}")
+            if v.get("rounds") and len(v["rounds"]) > 1:
+                extra += f", mean of rounds {v['rounds']}"
+            r(lab, f"{v['msg_s']:>12,.0f} msg/s", extra)
+    if res.get("ha-tput-failed"):
+        r("orbcast 64 B, primary + standby in sync", "FAILED",
+          res["ha-tput-failed"]["error"][:150])
+    v = res.get("ha-failover")
+    if v:
+        r("HA failover: SIGKILL -> first new-epoch msg",
+          f"p50 {v['median_ms']:,.0f} / p99 {v['p99_ms']:,.0f} ms",
+          f"max {v['max_ms']:,.0f} ms, {v['rounds']} rounds x 2 consumers, 2 x "
+          f"{v['rate_per_producer']} msg/s, every round verified 1..N once")
+    v = res.get("bridge-idle")
+    if v:
+        r("firmware bridge idle CPU, 10 sensors @ 1 Hz", f"{v['cpu_pct']:>10.2f} % core",
+          f"{v['cpu_s']} s CPU in {v['wall_s']} s, {v['readings_s']} readings/s sequenced, "
+          f"VmHWM {(v['vmhwm_kb'] or 0) / 1024:.1f} MB")
+    v = res.get("bridge-press")
+    if v:
+        r("firmware bridge Button press -> plant",
+          f"p50 {v['p50_ms']:,.1f} / p99 {v['p99_ms']:,.1f} ms",
+          f"max {v['max_ms']:,.1f} ms, {v['n']} presses; press->reading stamp p99 "
+          f"{v['press_to_reading_stamp_p99_ms']:.2f} ms, stamp->delivery p99 "
+          f"{v['reading_stamp_to_delivery_p99_ms']:.1f} ms")
     w0 = max(len(a) for a, _, _ in rows) if rows else 10
     w1 = max(len(b) for _, b, _ in rows) if rows else 10
     lines = [f"{'benchmark':<{w0}}  {'result':>{w1}}  notes", "-" * (w0 + w1 + 40)]

@@ -19,6 +19,12 @@ Benchmarks (names for ``--only``):
   rss          sequencer peak RSS serving a 1 GB log (64 MB with --quick, unless --big)
   loss         orb-64 with 5 % of egress batches dropped (issue 3)
   outbox       publish throughput with the on-disk outbox vs MemoryOutbox (issue 3)
+  ha           issue 4: ha-tput (orb-64 against a primary/standby pair in sync vs a single
+               node, interleaved) and ha-failover (SIGKILL of the active node under load:
+               kill -> first new-epoch message at every consumer, 20 rounds), bench/ha.py
+  bridge       issue 6: bridge-idle (CPU and peak RSS of firmware-bridge with 10 sensors
+               at 1 Hz) and bridge-press (mock Button press -> consuming plant), bench/bridge.py
+               (each part also runs alone: ha-tput, ha-failover, bridge-idle, bridge-press)
   nofsync      (not in the default set) orb-64 and latency @ 1,000/s with the node's
                --no-fsync, labelled as such: splits fsync cost from Python cost
 
@@ -39,6 +45,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import bridge as bench_bridge_mod
+from . import ha as bench_ha_mod
 from .proc import PY, BenchFailure, Proc, Procs, free_ports, proc_cpu_s, proc_status_kb, wait_quiet
 from .report import LAT_RATES, build_checks, machine_info, render_checks, render_table, source_info
 
@@ -50,6 +58,7 @@ FULL: dict[str, Any] = {
     "orb_n_per": 100_000, "orb_1k_n_per": 50_000, "lat_s": 5.0,
     "replay_n": 1_000_000, "rss_bytes": 1 << 30, "rss_replay": 100_000,
     "loss_n_per": 100_000, "outbox_n_per": 50_000, "pair_rounds": 2,
+    **bench_ha_mod.CFG_FULL, **bench_bridge_mod.CFG_FULL,
 }
 QUICK: dict[str, Any] = {
     "pp_n_per": 100_000, "mini_msg_n_per": 30_000, "mini_batch_n_per": 100_000,
@@ -57,11 +66,12 @@ QUICK: dict[str, Any] = {
     "orb_n_per": 20_000, "orb_1k_n_per": 10_000, "lat_s": 2.0,
     "replay_n": 200_000, "rss_bytes": 64 << 20, "rss_replay": 20_000,
     "loss_n_per": 20_000, "outbox_n_per": 10_000, "pair_rounds": 1,
+    **bench_ha_mod.CFG_QUICK, **bench_bridge_mod.CFG_QUICK,
 }
 BIG_BYTES = 1 << 30
 
 ALL = ["pushpull", "mini-msg", "mini-batch", "mini-lat", "orb-64", "orb-1k", "orb-lat",
-       "replay", "rss", "loss", "outbox"]
+       "replay", "rss", "loss", "outbox", "ha", "bridge"]
 
 
 class Ctx:
@@ -281,15 +291,23 @@ def bench_mini_lat(ctx: Ctx) -> None:
 def _orb(ctx: Ctx, name: str, *, size: int, n_per: int, producers: int = 2, consumers: int = 2,
          outbox: bool = False, env: dict[str, str] | None = None, rate: int | None = None,
          profile: bool = False, node_fsync: bool = True,
-         switch_interval: float | None = None) -> dict[str, Any]:
+         switch_interval: float | None = None,
+         make_node: Callable[[Procs, Path, str], Any] | None = None) -> dict[str, Any]:
+    """``make_node(ps, dir, name)`` replaces the single :class:`Node` (bench.ha
+    passes a primary/standby pair; its ``sequencers`` go to every plant)."""
     d = ctx.dir(name)
     total = producers * n_per
     warm = max(n_per // 10, int(rate * 0.5)) if rate else 0
     with Procs(d) as ps:
-        node = Node(ps, d / "node", f"{name}-node", env=env, fsync=node_fsync)
+        if make_node is not None:
+            node = make_node(ps, d, f"{name}-node")
+        else:
+            node = Node(ps, d / "node", f"{name}-node", env=env, fsync=node_fsync)
+        seqs = getattr(node, "sequencers", None)
         pdata = str(d / "plants")
         cons = [ps.worker(f"{name}-c{i}", "orb_cons",
-                          {"ingress": node.ingress, "data": pdata, "idx": i, "n_total": total,
+                          {"ingress": node.ingress, "sequencers": seqs,
+                           "data": pdata, "idx": i, "n_total": total,
                            "n_per": n_per, "latency": bool(rate), "warmup": warm, "idle_s": 30,
                            "switch_interval": switch_interval})
                 for i in range(consumers)]
@@ -297,9 +315,9 @@ def _orb(ctx: Ctx, name: str, *, size: int, n_per: int, producers: int = 2, cons
             c.expect("READY", 30)
         to = deadline_for(total) + (n_per / rate if rate else 0)
         prods = [ps.worker(f"{name}-p{i}", "orb_prod",
-                           {"ingress": node.ingress, "data": pdata, "idx": i, "n": n_per,
-                            "size": size, "outbox": outbox, "rate": rate, "timeout": to,
-                            "switch_interval": switch_interval})
+                           {"ingress": node.ingress, "sequencers": seqs, "data": pdata,
+                            "idx": i, "n": n_per, "size": size, "outbox": outbox, "rate": rate,
+                            "timeout": to, "switch_interval": switch_interval})
                  for i in range(producers)]
         for p in prods:
             p.expect("READY", 30)
@@ -321,6 +339,7 @@ def _orb(ctx: Ctx, name: str, *, size: int, n_per: int, producers: int = 2, cons
         cpu = node.cpu_s() - cpu0
         status = node.status()
         mem = node.mem_kb()
+        extra = node.extra_results() if hasattr(node, "extra_results") else {}
         node.stop()
     check(pres + cres, name)
     for cr in cres:
@@ -359,6 +378,7 @@ def _orb(ctx: Ctx, name: str, *, size: int, n_per: int, producers: int = 2, cons
         out["msgs_per_fsync"] = round(c.get("sequenced", 0) / c["fsyncs"], 1)
     if c.get("egress_batches"):
         out["msgs_per_egress_batch"] = round(c.get("sequenced", 0) / c["egress_batches"], 1)
+    out.update(extra)
     if rate:
         out["rate"] = rate
         out["latency"] = cres[0]["latency"]
@@ -582,6 +602,10 @@ BENCHES: dict[str, Callable[[Ctx], None]] = {
     "mini-lat": bench_mini_lat, "orb-64": bench_orb_64, "orb-1k": bench_orb_1k,
     "orb-lat": bench_orb_lat, "replay": bench_replay, "rss": bench_rss, "loss": bench_loss,
     "outbox": bench_outbox, "nofsync": bench_nofsync,
+    "ha": bench_ha_mod.bench_ha, "ha-tput": bench_ha_mod.bench_ha_tput,
+    "ha-failover": bench_ha_mod.bench_ha_failover,
+    "bridge": bench_bridge_mod.bench_bridge, "bridge-idle": bench_bridge_mod.bench_bridge_idle,
+    "bridge-press": bench_bridge_mod.bench_bridge_press,
 }
 
 

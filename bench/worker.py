@@ -15,6 +15,8 @@ orbcast:
   ``orb_prod`` / ``orb_cons``    a Plant publishing / subscribing
   ``replay_client``              a Plant replaying 1..N
   ``prefill``                    writes a log directly with the LogStore
+  ``ha_prod`` / ``ha_cons``      plants on a primary/standby pair (:mod:`bench.ha`)
+  ``bridge_press`` / ``bridge_cons``  the firmware bridge on mock pins (:mod:`bench.bridge`)
 """
 
 from __future__ import annotations
@@ -426,9 +428,14 @@ def mini_cons(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _plant(a: dict[str, Any], pid: str, outbox: bool = False) -> Any:
+    """A Plant on ``a["ingress"]``, or on every node of ``a["sequencers"]`` (a
+    primary/standby pair, :mod:`bench.ha`) with ``a["request_timeout_ms"]``."""
     from plant.client import Plant
-    return Plant(sequencers=[a["ingress"]], producer_id=pid, data=a["data"], outbox=outbox,
-                 on_full="block")
+    kw: dict[str, Any] = {}
+    if a.get("request_timeout_ms"):
+        kw["request_timeout_ms"] = a["request_timeout_ms"]
+    return Plant(sequencers=list(a.get("sequencers") or [a["ingress"]]), producer_id=pid,
+                 data=a["data"], outbox=outbox, on_full="block", **kw)
 
 
 def orb_prod(a: dict[str, Any]) -> dict[str, Any]:
@@ -649,8 +656,13 @@ def main(argv: list[str]) -> int:
         import cProfile
         prof = cProfile.Profile()
         prof.enable()
+    fn = ROLES.get(role)
+    if fn is None:              # the roles of bench.ha and bench.bridge
+        from . import bridge as _bridge
+        from . import ha as _ha
+        fn = {**_ha.ROLES, **_bridge.ROLES}[role]
     try:
-        res = ROLES[role](args)
+        res = fn(args)
     except Exception as exc:   # reported to the bench, which fails loudly
         import traceback
         traceback.print_exc()
