@@ -105,10 +105,12 @@ if [ $LIVE = 1 ]; then
     fi
 fi
 
-# 2. the venv (pip keeps it idempotent: an unchanged version is not reinstalled)
+# 2. the venv (re-running reinstalls orbcast from this tree; configs are untouched)
 if [ $VENV = 1 ]; then
     if [ ! -x "$OPT/venv/bin/python" ]; then
-        "$PY" -m venv "$OPT/venv" || die "python3 -m venv failed (apt-get install python3-venv)"
+        # --system-site-packages: gpiozero's pin factories on a Pi (lgpio,
+        # from Raspberry Pi OS's python3-lgpio) are Debian packages, not wheels
+        "$PY" -m venv --system-site-packages "$OPT/venv" || die "python3 -m venv failed (apt-get install python3-venv)"
         say "created $OPT/venv"
     fi
     "$OPT/venv/bin/python" -m pip install -q --upgrade "$SRC[serial]"
