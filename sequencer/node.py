@@ -20,6 +20,7 @@ not keep acking what it cannot keep.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -396,6 +397,8 @@ class SequencerNode:
             if core is None:
                 self._not_active(route, ev.rid)
                 return
+            if ev.max_records > self.cfg.replay_chunk_records:
+                ev = dataclasses.replace(ev, max_records=self.cfg.replay_chunk_records)
             err = self.replays.open(route, ev, self.log, time.monotonic())
             if err:
                 self.ingress.send_multipart([route, *err])
@@ -532,8 +535,16 @@ class SequencerNode:
             self._repl_next = ha.standby_acked + 1
         last = self.log.last_seq
         while self._repl_next <= last and self._repl_next - 1 - ha.standby_acked < REPL_WINDOW:
-            recs = self.log.read(self._repl_next, max_records=REPL_CHUNK,
-                                 max_bytes=peerlink.MAX_REPL_BYTES)
+            try:
+                recs = self.log.read(self._repl_next, max_records=REPL_CHUNK,
+                                     max_bytes=peerlink.MAX_REPL_BYTES)
+            except LogCorruptedError as exc:
+                # never ship damaged records; the standby stays unsynced (and so
+                # never eligible) until an operator repairs this log
+                if not getattr(self, "_repl_damage_logged", False):
+                    log.error("cannot replicate to the standby: %s", exc)
+                    self._repl_damage_logged = True
+                break
             if not recs:
                 break
             try:
