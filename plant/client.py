@@ -916,7 +916,8 @@ class Plant:
         fl = self._inflight.pop(ev.rid, None)
         pairs = ev.pairs
         acked = pairs[0::2]
-        self._out_box.ack(acked)
+        # tickets first, outbox second: flush() returns once the outbox is
+        # empty, and by then every ticket must already say it is acked
         tickets = self._inflight_tickets
         for i in range(0, len(pairs), 2):
             t = tickets.pop(pairs[i], None)
@@ -924,6 +925,7 @@ class Plant:
                 t.seq = pairs[i + 1]
                 if t._callbacks:
                     t._finish()
+        self._out_box.ack(acked)
         self.counters["acked"] += len(acked)
         if fl is not None:
             self._backoff = self.cfg.request_timeout_ms / 1000
@@ -981,13 +983,13 @@ class Plant:
             if ev.code in ("bad-frame", "too-large"):
                 # the node will never take these: fail them instead of looping
                 self.counters["rejected"] += len(pseqs)
-                self._out_box.ack(pseqs)
                 exc = RemoteProtocolError(f"sequencer rejected the message: {ev.message}", code=ev.code)
                 for p in pseqs:
                     t = self._inflight_tickets.pop(p, None)
                     if t is not None:
                         t.error = exc
                         t._finish()
+                self._out_box.ack(pseqs)      # after the tickets (see _on_ack)
                 log.error("sequencer rejected %d messages: %s %s", len(pseqs), ev.code, ev.message)
             else:
                 self._unsent.extendleft(sorted(pseqs, reverse=True))
