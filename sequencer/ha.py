@@ -148,6 +148,8 @@ class HaCore:
         self.own_last_seq = 0
         #: why a booting node refuses to become active, for status
         self.blocked: str | None = None
+        #: a refused vote stays valid until then (see check_vote)
+        self.vote_until = 0.0
 
     # --- time guards -----------------------------------------------------------
 
@@ -220,7 +222,23 @@ class HaCore:
             ok = self.peer_silent(now)
         else:
             ok = False
+        if not ok and self.role in (Role.PASSIVE, Role.PRIMARY):
+            # a plant already lost the active node, we have not yet: keep the
+            # vote for one failover period instead of making it vote again
+            self.vote_until = now + self.failover_s
         return self.feed(Input.VOTE if ok else Input.VOTE_REFUSED, now)
+
+    def check_vote(self, now: float) -> Role | None:
+        """Timer: honour a vote that arrived a moment before the peer's
+        silence reached ``failover_s`` (all guards are checked again)."""
+        if self.vote_until and now <= self.vote_until:
+            if self.role is Role.PASSIVE and self.peer_silent(now) and self.eligible(now) \
+                    or self.role is Role.PRIMARY and self.peer_silent(now):
+                self.vote_until = 0.0
+                return self.feed(Input.VOTE, now)
+        elif self.vote_until:
+            self.vote_until = 0.0
+        return None
 
     def tick(self, now: float, *, last_seq: int) -> None:
         """Timers: the active node's view of its standby."""

@@ -733,6 +733,8 @@ class SequencerNode:
             for path in self.log.apply_retention(time.time_ns()):
                 log.info("retention: removed %s", path)
         ha = self.ha
+        if ha.has_peer and ha.role is not Role.ACTIVE:
+            self._apply_role(ha.check_vote(now_m), now_m)
         if ha.has_peer:
             before = ha.repl
             ha.tick(now_m, last_seq=self.log.last_seq)

@@ -154,3 +154,19 @@ def test_standby_heartbeats_without_acks_do_not_keep_it_in_sync() -> None:
         hb(c, "standby", 0, 100.0 + k * 0.1)
         c.tick(100.0 + k * 0.1, last_seq=20)
     assert c.repl is ReplState.SOLO and c.gate() == "local"
+
+
+def test_a_vote_slightly_early_is_kept_for_one_failover_period() -> None:
+    """A plant may notice the silence a moment before the standby does: the
+    vote is remembered and honoured once the standby's own guards pass."""
+    c = core()
+    hb(c, "active", 1, 100.0)
+    assert c.on_vote(1, 100.45) is None                 # not silent for 0.5 s yet
+    assert c.check_vote(100.48) is None                 # still not
+    assert c.check_vote(100.55) is R.ACTIVE             # now it is: promote
+    d = core()
+    hb(d, "active", 1, 100.0)
+    d.on_vote(1, 100.45)
+    hb(d, "active", 1, 100.5)                           # the active node was only slow
+    assert d.check_vote(100.9) is None and d.role is R.PASSIVE
+    assert d.check_vote(101.2) is None and d.vote_until == 0.0   # the vote expired
