@@ -194,6 +194,8 @@ def decode_body(frame: bytes) -> Record | Dropped:
         items = cbor2.loads(body)
     except Exception:       # any cbor2 error: garbage with a matching CRC
         return Dropped("cbor")
+    if items is getattr(cbor2, "break_marker", None):   # cbor2 5.x returns it for a lone 0xff
+        return Dropped("cbor")
     if not isinstance(items, list) or len(items) not in (3, 4):
         return Dropped("shape")
     try:

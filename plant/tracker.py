@@ -145,9 +145,7 @@ class Tracker:
             if len(self.ready) >= self.ready_limit:
                 self.dropped_live += 1       # consumer is slow: fetch it later
                 return
-            n0 = len(self.ready)
-            self._deliver(msgs, self.next_seq)
-            self.live_delivered += len(self.ready) - n0
+            self.live_delivered += self._deliver(msgs, self.next_seq)
             self.next_seq = last + 1
             self._drain_buffer()
         else:
@@ -177,9 +175,7 @@ class Tracker:
             self._reset_replay(now, cancel=True)
             self._maybe_request(now)
             return
-        n0 = len(self.ready)
-        self._deliver(msgs, self.next_seq)
-        self.repaired += len(self.ready) - n0
+        self.repaired += self._deliver(msgs, self.next_seq)
         if next_seq > self.next_seq:
             self.next_seq = next_seq
         if self.to_seq is not None and self.next_seq > self.to_seq + 1:
@@ -260,7 +256,10 @@ class Tracker:
 
     # --- internals -------------------------------------------------------------
 
-    def _deliver(self, msgs: list[Message], from_seq: int) -> None:
+    def _deliver(self, msgs: list[Message], from_seq: int) -> int:
+        """Append the deliverable ones to :attr:`ready`; returns how many.
+        (Counted here, not from ``len(ready)``: the application thread pops
+        from ``ready`` concurrently.)"""
         prefix = self.prefix
         to = self.to_seq
         ready = self.ready
@@ -268,13 +267,14 @@ class Tracker:
             # the common case (everything, unbounded): skip what we have, take the rest
             if msgs and msgs[0].seq >= from_seq:
                 ready.extend(msgs)
-                return
+                return len(msgs)
             i = 0
             n = len(msgs)
             while i < n and msgs[i].seq < from_seq:
                 i += 1
             ready.extend(msgs[i:])
-            return
+            return n - i
+        k = 0
         for m in msgs:
             if m.seq < from_seq:
                 continue
@@ -282,6 +282,8 @@ class Tracker:
                 break
             if not prefix or m.topic.startswith(prefix):
                 ready.append(m)
+                k += 1
+        return k
 
     def _buffer(self, first: int, last: int, msgs: list[Message]) -> None:
         n = last - first + 1
