@@ -379,6 +379,7 @@ class Plant:
         self._failover_s = 0.0             # 0: single node, never vote
         self._next_vote = 0.0
         self._active_ep: str | None = None   # ingress of the node last seen active
+        self._rehello_at = 0.0               # ask the node for its peer's endpoints again
         self._unsent_hello: Hello | None = None
         self.counters = {"published": 0, "acked": 0, "resent": 0, "rejected": 0,
                          "bad_frames": 0, "batches": 0, "heartbeats": 0}
@@ -814,6 +815,9 @@ class Plant:
         # hello / node discovery
         if self._unsent_hello is not None and self._send(self._unsent_hello):
             self._unsent_hello = None         # the new connection is up now
+        if self._rehello_at and now >= self._rehello_at:
+            self._rehello_at = 0.0
+            self._hello(Hello(rid=self._rid(), client=self.client, epoch=self._max_epoch))
         if self._node is None and now >= self._hello_at and not self._failover_due(now):
             if self._hello_rid is not None:
                 self._maybe_failover(now)
@@ -943,6 +947,10 @@ class Plant:
         self._learn(ev.peer_ingress, ev.peer_egress)
         if ev.failover_ms:
             self._failover_s = ev.failover_ms / 1000
+            if not ev.peer_egress:
+                # the node did not know its standby yet: ask again soon, so our
+                # SUB is already connected to both nodes when a failover comes
+                self._rehello_at = now + 0.5
         if ev.role != "active":
             # a standby (or a node still starting): publish to the active one
             if ev.peer_ingress and ev.peer_ingress != self._current_ep and not self._failover_due(now):
