@@ -190,11 +190,11 @@ def decode_body(frame: bytes) -> Record | Dropped:
     body, crc = raw[:-_CRC.size], raw[-_CRC.size:]
     if _CRC.unpack(crc)[0] != zlib.crc32(body):
         return Dropped("crc")
+    if body[0] == 0xFF:     # a top-level break code: cbor2 6.x raises, 5.x returns a private sentinel
+        return Dropped("cbor")
     try:
         items = cbor2.loads(body)
     except Exception:       # any cbor2 error: garbage with a matching CRC
-        return Dropped("cbor")
-    if items is getattr(cbor2, "break_marker", None):   # cbor2 5.x returns it for a lone 0xff
         return Dropped("cbor")
     if not isinstance(items, list) or len(items) not in (3, 4):
         return Dropped("shape")
