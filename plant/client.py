@@ -958,9 +958,16 @@ class Plant:
             return
         if ev.epoch < self._max_epoch:
             return
+        fresh = self._node is None
         self._node = ev
         self._active_seen = now
         self._active_ep = self._current_ep
+        if fresh:
+            # replays that failed while no node was active (a standby answers
+            # "not-active") wait out a backoff: ask again now, here
+            for sub in self._subs:
+                if sub.tracker._rid is None:
+                    sub.tracker.restart_replay(now)
         # a (new) active node answered: resend now, not after the backoff a
         # standby's "not-active" answers built up during the failover
         self._resend_at = 0.0
