@@ -380,6 +380,7 @@ class Plant:
         self._next_vote = 0.0
         self._active_ep: str | None = None   # ingress of the node last seen active
         self._rehello_at = 0.0               # ask the node for its peer's endpoints again
+        self._unsent_actions: list[Any] = []  # tracker requests a fresh connection refused
         self._unsent_hello: Hello | None = None
         self.counters = {"published": 0, "acked": 0, "resent": 0, "rejected": 0,
                          "bad_frames": 0, "batches": 0, "heartbeats": 0}
@@ -682,6 +683,8 @@ class Plant:
 
     def _next_deadline(self, now: float) -> float:
         d = now + ENGINE_TICK_S
+        if self._unsent_actions or self._unsent_hello is not None:
+            d = now + 0.005                   # waiting for a new connection to come up
         if self._submit or self._cmds or (self._unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES
                                           and now >= self._resend_at):
             return now
@@ -830,7 +833,7 @@ class Plant:
             self._switch(others[0] if others else self._current_ep, now)
             self._hello(Hello(rid=self._rid(), client=self.client, vote=True,
                               epoch=self._max_epoch))
-            self._next_vote = now + self._failover_s
+            self._next_vote = now + self._failover_s / 2   # the standby keeps a vote for a while
         # requests: send those the socket refused earlier; fail them at their deadline
         for rid, (fut, deadline, ev, sent) in list(self._requests.items()):
             if now >= deadline:
@@ -864,6 +867,7 @@ class Plant:
         if ep not in self._known_eps:
             self._known_eps.append(ep)
         self._node = None
+        self._unsent_actions.clear()          # addressed to the old node's sessions
         self._connect(ep)
         self._unsent.extendleft(sorted((p for r in self._inflight.values() for p in r[0]), reverse=True))
         self._inflight.clear()
@@ -880,9 +884,17 @@ class Plant:
             self._egress_connected.add(egress)
 
     def _send_tracker_actions(self) -> None:
+        # a fresh connection (after a switch) refuses sends until it is up
+        # (IMMEDIATE): keep refused requests and send them as soon as it is,
+        # instead of letting the tracker wait out its request timeout
+        pending = self._unsent_actions
+        while pending and self._send(pending[0]):
+            pending.pop(0)
         for s in self._subs:
             for a in s.tracker.actions():
-                self._send(a)
+                if pending or not self._send(a):
+                    pending.append(a)
+        del pending[:-256]                    # bounded: trackers re-ask on timeout anyway
 
     def _drain_dealer(self, now: float) -> None:
         d = self._dealer

@@ -47,6 +47,8 @@ from orbcast.envelope import MAX_SEQ, Cancel, Credit, Message, ReplayRequest
 
 __all__ = ["Tracker", "Start"]
 
+#: Retry delay after a "not-active" answer (a failover is under way).
+NOT_ACTIVE_RETRY_S = 0.1
 #: Backoff ceiling for replay retries when the node does not answer.
 MAX_RETRY_BACKOFF_S = 5.0
 
@@ -198,6 +200,11 @@ class Tracker:
         if rid != self._rid:
             return
         self._reset_replay(now, cancel=False)
+        if code == "not-active":
+            # a failover is under way: the plant is switching nodes; ask again
+            # soon rather than after a growing backoff
+            self._retry_at = now + min(self.request_timeout, NOT_ACTIVE_RETRY_S)
+            self._backoff = self.request_timeout
         if code == "gone" and first_available and self.next_seq is not None \
                 and first_available > self.next_seq:
             # Skip what retention deleted, but not what the live buffer holds.
