@@ -226,7 +226,7 @@ def ha_cons(a: dict[str, Any]) -> dict[str, Any]:
     delivery whose epoch is above the first message's epoch."""
     from orbcast.errors import OrbcastTimeout
 
-    from .worker import _plant, cpu_s, say
+    from .worker import DeliveryCheck, _plant, cpu_s, say
     p = _plant(a, f"ha-c{a['idx']}")
     errors: list[str] = []
     try:
@@ -238,7 +238,7 @@ def ha_cons(a: dict[str, Any]) -> dict[str, Any]:
             time.sleep(0.01)
         say("READY")
         total, n_per, idle = a["n_total"], a["n_per"], a.get("idle_s", 30)
-        seen: dict[str, bytearray] = {}
+        checker = DeliveryCheck(n_per)
         expect = 1
         epoch0 = None
         t_new = 0
@@ -262,24 +262,16 @@ def ha_cons(a: dict[str, Any]) -> dict[str, Any]:
                 new_epoch = m.epoch
                 seq_new = m.seq
             epochs[m.epoch] = epochs.get(m.epoch, 0) + 1
-            if m.seq != expect:
-                errors.append(f"got seq {m.seq}, expected {expect} "
-                              f"({'duplicate/reorder' if m.seq < expect else 'gap'})")
+            err = checker.check(m, expect)
+            if err:
+                errors.append(err)
                 break
-            bm = seen.get(m.producer)
-            if bm is None:
-                bm = seen[m.producer] = bytearray(n_per + 1)
-            ps = m.producer_seq
-            if not 0 < ps <= n_per or bm[ps]:
-                errors.append(f"({m.producer}, {ps}) delivered twice or unexpected (seq {m.seq})")
-                break
-            bm[ps] = 1
             expect += 1
         return {"ok": not errors and expect == total + 1, "received": expect - 1,
                 "errors": errors, "t_new_epoch_ns": t_new, "epoch0": epoch0,
                 "new_epoch": new_epoch, "first_new_seq": seq_new,
                 "epochs": {str(k): v for k, v in epochs.items()},
-                "per_producer": {k: sum(v) for k, v in seen.items()},
+                "per_producer": checker.per_producer(),
                 "tracker": sub.tracker.stats(), "counters": dict(p.counters),
                 "cpu_s": cpu_s() - c0}
     finally:

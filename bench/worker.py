@@ -515,7 +515,8 @@ def orb_cons(a: dict[str, Any]) -> dict[str, Any]:
         from_seq: list[int] = []
         # (producer, producer_seq) seen: one bitmap per producer (pseqs start at 1)
         n_per = a.get("n_per") or total
-        seen: dict[str, bytearray] = {}
+        checker = DeliveryCheck(n_per)
+        check = checker.check
         expect = 1
         t_first = 0
         get = sub.get
@@ -532,18 +533,10 @@ def orb_cons(a: dict[str, Any]) -> dict[str, Any]:
                 break
             if not t_first:
                 t_first = time.time_ns()
-            if m.seq != expect:
-                errors.append(f"got seq {m.seq}, expected {expect} "
-                              f"({'duplicate/reorder' if m.seq < expect else 'gap'})")
+            err = check(m, expect)
+            if err:
+                errors.append(err)
                 break
-            bm = seen.get(m.producer)
-            if bm is None:
-                bm = seen[m.producer] = bytearray(n_per + 1)
-            ps = m.producer_seq
-            if not 0 < ps <= n_per or bm[ps]:
-                errors.append(f"({m.producer}, {ps}) delivered twice or unexpected (seq {m.seq})")
-                break
-            bm[ps] = 1
             if latency and expect > warm:
                 now = time.time_ns()
                 sent = unpack(m.payload)[0]
@@ -554,7 +547,7 @@ def orb_cons(a: dict[str, Any]) -> dict[str, Any]:
         t_end = time.time_ns()
         out = {"ok": not errors and expect == total + 1, "received": expect - 1,
                "errors": errors, "t_first_ns": t_first, "t_end_ns": t_end,
-               "per_producer": {k: sum(v) for k, v in seen.items()},
+               "per_producer": checker.per_producer(),
                "tracker": sub.tracker.stats(), "counters": dict(p.counters),
                "cpu_s": cpu_s() - c0}
         if latency:
@@ -564,6 +557,32 @@ def orb_cons(a: dict[str, Any]) -> dict[str, Any]:
         return out
     finally:
         p.close()
+
+
+class DeliveryCheck:
+    """Every consumer's verification: seqs 1..N in order, and every
+    ``(producer, producer_seq)`` exactly once (a bitmap per producer)."""
+
+    def __init__(self, n_per: int) -> None:
+        self.n_per = n_per
+        self.seen: dict[str, bytearray] = {}
+
+    def check(self, m: Any, expect: int) -> str | None:
+        """None if ``m`` is the expected next message, else what is wrong."""
+        if m.seq != expect:
+            return (f"got seq {m.seq}, expected {expect} "
+                    f"({'duplicate/reorder' if m.seq < expect else 'gap'})")
+        bm = self.seen.get(m.producer)
+        if bm is None:
+            bm = self.seen[m.producer] = bytearray(self.n_per + 1)
+        ps = m.producer_seq
+        if not 0 < ps <= self.n_per or bm[ps]:
+            return f"({m.producer}, {ps}) delivered twice or unexpected (seq {m.seq})"
+        bm[ps] = 1
+        return None
+
+    def per_producer(self) -> dict[str, int]:
+        return {k: sum(v) for k, v in self.seen.items()}
 
 
 def replay_client(a: dict[str, Any]) -> dict[str, Any]:
