@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -184,7 +183,7 @@ class Pair:
 def ha_prod(a: dict[str, Any]) -> dict[str, Any]:
     """A Plant on both nodes publishing ``n`` 64 B messages at ``rate`` msg/s
     (publish_nowait, open loop), then flush() and wait for every ack."""
-    from .worker import _plant, cpu_s, say, wait_go
+    from .worker import _plant, cpu_s, publish_paced, say, wait_go
     p = _plant(a, f"ha-p{a['idx']}")
     errors: list[str] = []
     try:
@@ -194,16 +193,7 @@ def ha_prod(a: dict[str, Any]) -> dict[str, Any]:
         wait_go()
         c0 = cpu_s()
         t0 = time.time_ns()
-        pad = b"h" * 56
-        pk = struct.Struct(">q").pack
-        interval = 1e9 / rate
-        start = time.perf_counter_ns()
-        for i in range(n):
-            due = start + int(i * interval)
-            now = time.perf_counter_ns()
-            if due > now:
-                time.sleep((due - now) / 1e9)
-            p.publish_nowait("bench/ha", pk(time.time_ns()) + pad)
+        publish_paced(p.publish_nowait, "bench/ha", n, rate, 64)
         t_sent = time.time_ns()
         p.flush(timeout=a.get("timeout", 120))
         deadline = time.monotonic() + 30

@@ -438,6 +438,24 @@ def _plant(a: dict[str, Any], pid: str, outbox: bool = False) -> Any:
                  data=a["data"], outbox=outbox, on_full="block", **kw)
 
 
+def publish_paced(pub: Callable[[str, bytes], Any], topic: str, n: int, rate: float,
+                  size: int) -> Any:
+    """Open loop: message i goes out at start + i / rate whatever the acks do,
+    its first 8 bytes the send time (ns, for latency). Returns the last ticket."""
+    pad = b"l" * (size - 8)
+    pk = struct.Struct(">q").pack
+    interval = 1e9 / rate
+    start = time.perf_counter_ns()
+    last = None
+    for i in range(n):
+        due = start + int(i * interval)
+        now = time.perf_counter_ns()
+        if due > now:
+            time.sleep((due - now) / 1e9)
+        last = pub(topic, pk(time.time_ns()) + pad)
+    return last
+
+
 def orb_prod(a: dict[str, Any]) -> dict[str, Any]:
     """A Plant publishing ``n`` messages with publish_nowait, then flush();
     with ``rate``: open loop at a fixed rate, send time in the payload."""
@@ -455,24 +473,16 @@ def orb_prod(a: dict[str, Any]) -> dict[str, Any]:
         t0 = time.time_ns()
         last = None
         if rate:
-            pad = b"l" * (size - 8)
-            pk = struct.Struct(">q").pack
-            interval = 1e9 / rate
-            start = time.perf_counter_ns()
-            for i in range(n):
-                due = start + int(i * interval)
-                now = time.perf_counter_ns()
-                if due > now:
-                    time.sleep((due - now) / 1e9)
-                last = pub(topic, pk(time.time_ns()) + pad)
+            last = publish_paced(pub, topic, n, rate, size)
         else:
             payload = b"x" * size
             for _i in range(n):
                 last = pub(topic, payload)
         t_sent = time.time_ns()
         p.flush(timeout=a.get("timeout", 120))
-        # flush() can return while the engine still holds a batch it is appending to
-        # the outbox (seen with the disk outbox): wait for every ack before the clock stops
+        # flush() returns only when everything is acked (an early return was a bug,
+        # fixed and tested in tests/integration): this wait only catches a regression,
+        # which ``early`` then reports
         early = n - p.counters["acked"]
         deadline = time.monotonic() + 30
         while p.counters["acked"] < n and time.monotonic() < deadline:

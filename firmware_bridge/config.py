@@ -343,6 +343,8 @@ class _Checker:
             raise self.fail(f"device name {name!r} already used at line {self.names[name]}", kind, i, "name")
         line = key_line(self.text, kind, i, None)
         self.names[name] = line
+        if typ == "MCP3008" and t.get("voltage") is True:
+            unit = "V"                 # volts instead of the 0-1 fraction
         unit = t.get("unit", unit)
         if not isinstance(unit, str) or len(unit) > 16:
             raise self.fail("unit must be a string of at most 16 characters", kind, i, "unit")

@@ -110,7 +110,7 @@ def main() -> int:
                       "--timeout", "60", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             pubs.append((name, p))
         for i in range(PER_PUBLISHER):
-            for k, (name, p) in enumerate(pubs):
+            for k, (_name, p) in enumerate(pubs):
                 assert p.stdin is not None
                 p.stdin.write(f"{(21.0 if k == 0 else 40.0) + (i % 7) * 0.5:.1f}\n")
                 p.stdin.flush()

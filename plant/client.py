@@ -34,7 +34,7 @@ import zmq
 
 from orbcast import envelope as env
 from orbcast.config import PlantConfig
-from orbcast.envelope import (Ack, Batch, Error, Heartbeat, Message, Ping, Pong, Publish,
+from orbcast.envelope import (Ack, Batch, Error, Heartbeat, Message, Ping, Pong,
                               ReplayChunk, StatusReply, StatusRequest, Welcome, Hello)
 from orbcast.errors import (ClosedError, LocalProtocolError, OrbcastTimeout, OutboxFull,
                             RemoteProtocolError, ReplayRejected)
@@ -275,7 +275,7 @@ class Subscription:
                         if deadline is not None:
                             left = deadline - time.monotonic()
                             if left <= 0:
-                                raise OrbcastTimeout("no message within the timeout")
+                                raise OrbcastTimeout("no message within the timeout") from None
                             wait = min(wait, left)
                         cond.wait(wait)
                 continue

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import cbor2
 
@@ -329,8 +329,3 @@ class SequencerCore:
         if k:
             del acks[:k]
         return out
-
-    def rebuild_dedup(self, records: Iterable[tuple[str, int, int]]) -> None:
-        """Feed ``(producer, producer_seq, seq)`` of logged records (start-up)."""
-        for pid, pseq, seq in records:
-            self.dedup.record(pid, pseq, seq)

@@ -165,6 +165,8 @@ class SequencerNode:
             self.peer_out.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
             self.peer_out.connect(cfg.peer_connect)
         self.fault_cut_peer = False
+        self._repl_damage_logged = False   # log a damaged segment once, not per turn
+        self._blocked_logged: str | None = None
         self._snap_seq = self.log.last_seq
         self._snap_time = time.monotonic()
         self._last_reject_log = 0.0
@@ -541,7 +543,7 @@ class SequencerNode:
             except LogCorruptedError as exc:
                 # never ship damaged records; the standby stays unsynced (and so
                 # never eligible) until an operator repairs this log
-                if not getattr(self, "_repl_damage_logged", False):
+                if not self._repl_damage_logged:
                     log.error("cannot replicate to the standby: %s", exc)
                     self._repl_damage_logged = True
                 break
@@ -595,7 +597,7 @@ class SequencerNode:
                                         last_seq=hb.last_seq, in_sync=hb.in_sync,
                                         ingress=hb.ingress, egress=hb.egress, now=now)
         self._apply_role(new, now)
-        if self.ha.blocked and self.ha.blocked != getattr(self, "_blocked_logged", None):
+        if self.ha.blocked and self.ha.blocked != self._blocked_logged:
             log.error("not becoming active: %s", self.ha.blocked)
         self._blocked_logged = self.ha.blocked
         if self.ha.role is Role.PASSIVE and hb.role == "active" and hb.epoch >= self.ha.max_epoch:
@@ -635,14 +637,10 @@ class SequencerNode:
         self._save_state()
 
     def _rebuild_dedup_full(self) -> DedupTable:
-        t = DedupTable()
-        for seq, _t, body in self.log.iter_records(self.log.first_seq or 1):
-            m = env.decode_record(body)
-            t.record(m.producer, m.producer_seq, seq)
-        snap = self.data / "dedup.snapshot"
-        if snap.exists():
-            snap.unlink()
-        return t
+        """After the log was cut back: the snapshot may name records that are
+        gone, so drop it and rebuild from the log alone."""
+        (self.data / "dedup.snapshot").unlink(missing_ok=True)
+        return self._load_dedup()
 
     def _on_repl(self, r: peerlink.Repl, now: float) -> bool:
         """Append replicated records (passive). Returns True if any were appended."""

@@ -133,3 +133,14 @@ def test_key_line_scanner():
     assert key_line(t, "y", 1, "k") == 7
     assert key_line(t, "y", 1, "missing") == 6
     assert key_line(t, "z", None, "k") is None
+
+
+def test_mcp3008_unit_follows_what_it_publishes():
+    """Readings carry a unit: an MCP3008 publishing volts says "V", one
+    publishing the 0-1 fraction says nothing; an explicit unit wins."""
+    extra = ('\n[[input]]\ntype = "MCP3008"\nchannel = {ch}\ntopic = "sensors/adc{ch}"\n'
+             'voltage = {v}\n{u}')
+    text = BASE + "".join(extra.format(ch=ch, v=v, u=u) for ch, v, u in
+                          [(0, "true", ""), (1, "false", ""), (2, "true", 'unit = "mV"\n')])
+    units = [d.unit for d in loads(text, environ={}).inputs if d.type == "MCP3008"]
+    assert units == ["V", "", "mV"]
