@@ -916,6 +916,9 @@ class Plant:
         if t is Ack:
             self._on_ack(ev)
         elif t is ReplayChunk:
+            if ev.epoch < self._max_epoch:       # a deposed leader's log may hold a dead tail
+                self.counters["stale_epoch"] = self.counters.get("stale_epoch", 0) + 1
+                return
             msgs = env.decode_records(ev.records)
             for s in self._subs:
                 s.tracker.on_chunk(ev.rid, ev.start_seq, ev.next_seq, ev.last_seq, ev.done, msgs, now)
@@ -929,6 +932,13 @@ class Plant:
                 req[0].set_result(ev)
 
     def _on_ack(self, ev: Ack) -> None:
+        if ev.epoch < self._max_epoch:
+            # from a deposed leader: its record may be set aside when it rejoins;
+            # keep the message and let the resend reach the current leader
+            self.counters["stale_epoch"] = self.counters.get("stale_epoch", 0) + 1
+            return
+        if ev.epoch > self._max_epoch:
+            self._max_epoch = ev.epoch
         fl = self._inflight.pop(ev.rid, None)
         pairs = ev.pairs
         acked = pairs[0::2]
