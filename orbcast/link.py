@@ -228,8 +228,14 @@ def outer_kind(frames: Sequence[bytes]) -> int:
 
 def inner_kind(frames: Sequence[bytes]) -> int:
     """The kind of an opened (inner) message: route KEY_REQUEST / SENDER_KEY, decode the rest
-    with :func:`orbcast.envelope.decode`. Raises AuthenticationError on a malformed head."""
-    return outer_kind(frames)
+    with :func:`orbcast.envelope.decode`, which validates the rest of the head (inner heads
+    may carry more than unsigned integers, e.g. a REPLAY_CHUNK's ``done`` flag). Raises
+    AuthenticationError if the head is not a CBOR array starting ``[1, kind]``."""
+    head, _ = _two(frames)
+    h = _loads(head)
+    if type(h) is not list or len(h) < 2 or h[0] != VERSION or not _uint(h[1]):
+        raise _reject("inner head is not [1, kind, ...]")
+    return int(h[1])
 
 
 def _pack_inner(head: bytes, body: bytes) -> bytes:

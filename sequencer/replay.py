@@ -14,6 +14,7 @@ This module does no socket I/O and reads no clock: the driver passes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,6 +42,8 @@ class _Session:
     credit: int
     max_records: int
     touched: float
+    #: the requester's read ACL (link security), checked at every chunk; None: all
+    readable: Callable[[str], bool] | None = None
 
 
 class ReplayManager:
@@ -62,8 +65,13 @@ class ReplayManager:
         """True if some session has credit (the driver should not sleep)."""
         return any(s.credit > 0 for s in self._s.values())
 
-    def open(self, route: bytes, req: ReplayRequest, log: LogReader, now: float) -> list[bytes] | None:
-        """Start a session. Returns error frames to send, or ``None``."""
+    def open(self, route: bytes, req: ReplayRequest, log: LogReader, now: float, *,
+             readable: Callable[[str], bool] | None = None) -> list[bytes] | None:
+        """Start a session. Returns error frames to send, or ``None``.
+
+        ``readable(topic)`` (link security) filters every chunk by the
+        requester's read ACL *when the chunk is cut*, so a revocation or a
+        narrowed allowlist applies to a replay already running."""
         key = (route, req.rid)
         if key not in self._s and len(self._s) >= self.max_sessions:
             return encode(Error(rid=req.rid, code="busy",
@@ -76,7 +84,7 @@ class ReplayManager:
             return encode(Error(rid=req.rid, code="gone", first_available=first,
                                 message=f"seqs before {first} were removed by retention"))
         self._s[key] = _Session(route, req.rid, start, req.to_seq, req.until, req.topic,
-                                req.credit, req.max_records, now)
+                                req.credit, req.max_records, now, readable)
         return None
 
     def credit(self, route: bytes, rid: int, n: int, now: float) -> bool:
@@ -142,6 +150,7 @@ class ReplayManager:
             nxt = start
             topic = s.topic
             until = s.until
+            readable = s.readable
             for seq, t, body in recs:
                 if seq > limit:
                     break
@@ -149,8 +158,13 @@ class ReplayManager:
                     done = True
                     break
                 nxt = seq + 1
-                if not topic or record_topic(body).startswith(topic):
-                    bodies.append(body)
+                if readable is None:
+                    if not topic or record_topic(body).startswith(topic):
+                        bodies.append(body)
+                else:
+                    rt = record_topic(body)
+                    if rt.startswith(topic) and readable(rt):
+                        bodies.append(body)
             if not recs:
                 done = True   # nothing more in the log (should not happen below durable_seq)
             s.next_seq = nxt
