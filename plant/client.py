@@ -394,6 +394,7 @@ class Plant:
         self._link_hello_at = 0.0
         self._link_backoff = cfg.request_timeout_ms / 1000
         self._ping_at = 0.0
+        self._persist_at = 0.0
         self._auth_log_at = 0.0
         if cfg.security == "ratchet":
             self._setup_link(cfg)
@@ -796,10 +797,17 @@ class Plant:
         self._txq.append(link.seal(frames))
         return True
 
-    def _flush_tx(self) -> None:
-        """Persist the link session (one fsync), then send what was sealed."""
+    def _flush_tx(self, *, force: bool = False) -> None:
+        """Persist the link session (one fsync), then send what was sealed.
+
+        State advanced only by *received* frames is saved with the next send
+        (or by the engine's timer, or at close): nothing left the process
+        under it, so no key can be used twice after a crash, and an engine
+        turn that only took acks costs no fsync."""
         link = self._link
         assert link is not None
+        if not self._txq and not force:
+            return
         if link.flush_persist() or self._store.dirty:
             self._store.commit()
         if not self._txq:
@@ -966,6 +974,9 @@ class Plant:
             s.tracker.tick(now)
         if self._bcast is not None:
             self._bcast.expire(now)
+            if self._link is not None and self._link.pending_persist() and now >= self._persist_at:
+                self._persist_at = now + 1.0      # received-only state: saved at most once a second
+                self._flush_tx(force=True)
             # without the broadcast key (a publish-only plant, or not handed one
             # yet) heartbeats do not open: keep the active node's liveness from the link
             if (self._failover_s and self._node is not None and self._bcast.key_epoch is None
@@ -1238,6 +1249,9 @@ class Plant:
                     kind = outer_kind(frames)
                     if kind not in (SEALED_BATCH, SEALED_HEARTBEAT):
                         self.counters["cleartext_ignored"] += 1    # e.g. a standby's heartbeat
+                        continue
+                    if kind == SEALED_BATCH and not subs:
+                        self.counters["batches"] += 1    # nobody reads them here: do not open
                         continue
                     try:
                         frames = bcast.open(frames, now=now)
