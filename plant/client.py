@@ -977,12 +977,23 @@ class Plant:
             if self._link is not None and self._link.pending_persist() and now >= self._persist_at:
                 self._persist_at = now + 1.0      # received-only state: saved at most once a second
                 self._flush_tx(force=True)
-            # without the broadcast key (a publish-only plant, or not handed one
-            # yet) heartbeats do not open: keep the active node's liveness from the link
-            if (self._failover_s and self._node is not None and self._bcast.key_epoch is None
-                    and now >= self._ping_at and now - self._active_seen > self._failover_s / 3):
-                self._ping_at = now + self._failover_s / 3
-                self._send(Ping(rid=self._rid()))
+            # Without the broadcast key (a plant whose read prefixes are narrower
+            # than everything, or publish-only) egress does not open. A reader then
+            # follows the stream over its link: a PING per heartbeat period gives the
+            # tail, and the trackers replay what they lack (filtered by the node to
+            # its read prefixes). A publish-only plant pings only to keep the active
+            # node's liveness for failover.
+            node = self._node
+            if (node is not None and self._bcast.key_epoch is None and self._link is not None
+                    and self._link.answered and now >= self._ping_at):
+                period = 0.0
+                if self._subs:
+                    period = max(node.heartbeat_ms, 10) / 1000
+                elif self._failover_s and now - self._active_seen > self._failover_s / 3:
+                    period = self._failover_s / 3
+                if period:
+                    self._ping_at = now + period
+                    self._send(Ping(rid=self._rid()))
 
     def _maybe_failover(self, now: float, force: bool = False) -> None:
         """No answer from the current node: try the next known one."""
@@ -1116,6 +1127,9 @@ class Plant:
         elif t is Pong:
             if ev.role == "active" and ev.epoch >= self._max_epoch and self._link is not None:
                 self._active_seen = now        # link liveness for plants without the broadcast key
+                if self._bcast is not None and self._bcast.key_epoch is None:
+                    for s in self._subs:       # the tail, as a heartbeat would tell it
+                        s.tracker.on_heartbeat(ev.last_seq, now)
             req = self._requests.pop(ev.rid, None)
             if req is not None and not req[0].done():
                 req[0].set_result(ev)

@@ -149,6 +149,35 @@ def test_read_acl_applies_to_replay(tmp_path: Path, node_factory, keyring: Keyri
     assert node.status()["counters"]["forbidden"] == 1
 
 
+def test_a_narrow_reader_follows_the_live_stream_over_its_link(tmp_path: Path, node_factory,
+                                                               keyring: Keyring) -> None:
+    """The broadcast key opens every topic, so a plant allowed to read only x/
+    never gets it; it still delivers every x/ message live, in order, once,
+    and nothing else: the node filters what it sends over the plant's link."""
+    node = node_factory().start()
+    with plant(keyring, node, tmp_path, "writer") as w, \
+            plant(keyring, node, tmp_path, "narrow", publish=[], read=["x/"]) as n:
+        sub = n.subscribe("", start="now")
+        first = w.publish("x/a", b"warm-up", timeout=10)
+        wait_for(lambda: sub.tracker.next_seq is not None, 10, "the narrow plant to find the tail")
+        expected = []
+        for i in range(300):
+            topic = "x/a" if i % 3 else "y/secret"
+            seq = w.publish_nowait(topic, b"%d" % i)
+            if topic == "x/a":
+                expected.append(seq)
+        w.flush(20)
+        want = [t.result(10) for t in expected]
+        got = []
+        while not got or got[-1].seq < want[-1]:
+            got.append(sub.get(timeout=10))
+        got = [m for m in got if m.seq > first]
+        assert [m.seq for m in got] == want and {m.topic for m in got} == {"x/a"}
+        assert n._bcast is not None and n._bcast.key_epoch is None      # no group key
+        assert n.counters["sender_keys"] == 0
+        assert w._bcast is not None and w._bcast.key_epoch is not None  # the writer reads all
+
+
 def test_bad_input_never_kills_the_node_nor_changes_its_sessions(tmp_path: Path, node_factory,
                                                                  keyring: Keyring) -> None:
     """Cleartext requests, garbage, unknown sessions, an unlisted key, a
