@@ -107,6 +107,7 @@ class SequencerNode:
         self._out: list[list[bytes]] = []      # sealed ingress frames, sent after the state is durable
         self._peer: Peer | None = None         # who sent the request being handled (sealed)
         self._reload_requested = False
+        self._sec_gc_at = 0.0
         self.log = LogStore(self.data / "log", retention_days=cfg.retention_days, fsync=cfg.fsync)
         for p in self.log.torn_tails:
             log.warning("recovered a torn log tail; the cut bytes were kept in %s", p)
@@ -958,6 +959,9 @@ class SequencerNode:
 
     def _housekeeping(self, now_m: float) -> None:
         self.replays.expire(now_m)
+        if self.sec is not None and now_m >= self._sec_gc_at:
+            self._sec_gc_at = now_m + 10.0
+            self.sec.forget_dropped()     # bookkeeping of evicted sessions stays bounded
         if now_m >= self._retention_at:
             self._retention_at = now_m + RETENTION_EVERY_S
             for path in self.log.apply_retention(time.time_ns()):
