@@ -85,8 +85,8 @@ def request(endpoint: str, ev: Any, *, timeout: float = 5.0,
                 if inner_kind(frames) == SENDER_KEY:
                     continue
             rep = env.decode(frames)
-            if getattr(rep, "rid", None) == ev.rid:
-                return rep
+            if getattr(rep, "rid", None) == ev.rid or (isinstance(rep, env.Error) and rep.rid == 0):
+                return rep             # rid 0: the node could not read our request at all
     finally:
         s.close(0)
         if own:

@@ -74,13 +74,13 @@ def _dispatch(a: argparse.Namespace) -> int:
     if a.cmd == "status":
         rep = request(a.sequencer, StatusRequest(rid=1), timeout=a.timeout)
         if isinstance(rep, Error):
-            raise ValueError(f"{rep.code}: {rep.message}")
+            raise ValueError(_explain(rep))
         print_status(rep.info, as_json=a.json)
         return 0
     if a.cmd in ("promote", "demote", "reload"):
         rep = request(a.sequencer, Admin(rid=1, command=a.cmd), timeout=a.timeout)
         if isinstance(rep, Error):
-            raise ValueError(f"{rep.code}: {rep.message}")
+            raise ValueError(_explain(rep))
         print(f"{rep.info['node']}: role {rep.info['role']}, epoch {rep.info['epoch']}")
         return 0
     if a.cmd == "check":
@@ -94,6 +94,14 @@ def _dispatch(a: argparse.Namespace) -> int:
         print(f"{len(segs)} segments, {total} records, no damage found")
         return 0
     return 2
+
+
+def _explain(rep: Error) -> str:
+    msg = f"{rep.code}: {rep.message}"
+    if rep.code in ("auth", "forbidden"):
+        msg += (" (link security is on at this endpoint: point --sequencer at the node's "
+                "control endpoint, sequencer.control, e.g. tcp://127.0.0.1:7403)")
+    return msg
 
 
 def print_status(info: dict, *, as_json: bool = False, out=sys.stdout) -> None:  # type: ignore[no-untyped-def]

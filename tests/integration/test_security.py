@@ -264,6 +264,10 @@ def test_reload_command_and_a_broken_allowlist_keeps_the_old_one(tmp_path: Path,
         assert r.returncode == 0, r.stderr
         assert p.publish("t/a", b"3", timeout=10) == 3
     assert node.status()["counters"]["allowlist_reloads"] >= 1
+    # operator commands on a secured ingress are refused, with the way out in the message
+    r = subprocess.run([PY, "-m", "sequencer", "status", "--sequencer", node.ingress],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and "control endpoint" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_sessions_survive_a_node_restart(tmp_path: Path, node_factory, keyring: Keyring) -> None:
