@@ -16,8 +16,8 @@ import zmq
 from orbcast import envelope as env
 from orbcast.config import PlantConfig
 from orbcast.errors import AuthenticationError, OrbcastTimeout
-from orbcast.keys import NodePins, generate_identity_file, load_identity, load_pins
-from orbcast.link import LINK_KEYS, SEALED_BATCH, SEALED_DOWN, LinkClient, outer_kind
+from orbcast.keys import generate_identity_file, load_identity, load_pins
+from orbcast.link import SEALED_BATCH, SEALED_DOWN, LinkClient, outer_kind
 from plant.client import Plant
 from tests.integration.conftest import PY, ROOT, Keyring, Node, wait_for
 
