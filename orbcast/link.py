@@ -542,10 +542,7 @@ class LinkServer(_Persisting):
         self._sessions[sid] = ns
         sids = self._by_key.setdefault(entry.key, [])
         sids.append(sid)
-        while len(sids) > MAX_SESSIONS_PER_KEY:
-            self.drop(sids[0])
-        while len(self._sessions) > MAX_SESSIONS:
-            self.drop(next(iter(self._sessions)))
+        self._trim(sids)
         return ns, inner
 
     def _decrypt(self, ns: _NodeSession, frame: bytes) -> list[bytes]:
@@ -557,6 +554,16 @@ class LinkServer(_Persisting):
             ns.session = Session.from_bytes(snapshot, keygen=self._keygen)
             raise _reject("authentic frame with a malformed inner message")
         return inner
+
+    def _trim(self, sids: list[int]) -> None:
+        """Enforce the session bounds, evicting the least recently *used* session (of
+        this key first): a plant's busy session outlives one-shot sessions that a CLI
+        on the same Pi opens with the same key (``plant status``)."""
+        while len(sids) > MAX_SESSIONS_PER_KEY:
+            mine = set(sids)
+            self.drop(next(s for s in self._sessions if s in mine))
+        while len(self._sessions) > MAX_SESSIONS:
+            self.drop(next(iter(self._sessions)))
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -663,10 +670,7 @@ class LinkServer(_Persisting):
         self._sessions[sid] = _NodeSession(m["peer"], m["name"], session)
         sids = self._by_key.setdefault(m["peer"], [])
         sids.append(sid)
-        while len(sids) > MAX_SESSIONS_PER_KEY:
-            self.drop(sids[0])
-        while len(self._sessions) > MAX_SESSIONS:
-            self.drop(next(iter(self._sessions)))
+        self._trim(sids)
         return Peer(sid=sid, key=m["peer"], name=m["name"])
 
     def export_state(self) -> dict[str, Any]:

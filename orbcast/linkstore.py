@@ -87,6 +87,12 @@ class SessionStore:
             self._write(_HEADER)
             self._size = len(_HEADER)
             self._sync()
+            if self.fsync:                  # the new file's directory entry, too
+                dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
 
     # -- reading --------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import zmq
 
 from orbcast import envelope as env
@@ -461,7 +462,11 @@ class SequencerNode:
             return None
         if key_msg is not None:
             self._out.append([route, *key_msg])
-        return env.decode(inner)
+        try:
+            return env.decode(inner)
+        except RemoteProtocolError as exc:
+            exc.rid = _inner_rid(inner)      # type: ignore[attr-defined]  # for the sealed ERROR
+            raise
 
     def _welcome(self, rid: int) -> Welcome:
         p = self.ha.peer
@@ -652,7 +657,7 @@ class SequencerNode:
 
     def _reject(self, route: bytes, frames: list[bytes], exc: RemoteProtocolError) -> None:
         self.counters["rejected_frames"] += 1
-        rid = 0
+        rid = getattr(exc, "rid", 0) if self._peer is not None else 0
         if len(frames) >= 2 and self.sec is None:
             try:
                 h = env.decode_head(frames[1])
@@ -1042,6 +1047,18 @@ class SequencerNode:
             self.log.close()
             self.log = None  # type: ignore[assignment]
             log.info("node %s stopped", self.cfg.node_id)
+
+
+def _inner_rid(inner: list[bytes]) -> int:
+    """The request id of an authentic inner message that does not decode, if its
+    head shows one (so the sealed ERROR names the request); else 0."""
+    try:
+        h = cbor2.loads(inner[0])
+    except Exception:               # a malformed head: the error goes out with rid 0
+        return 0
+    if type(h) is list and len(h) > 2 and type(h[2]) is int and 0 <= h[2] < 2 ** 63:
+        return int(h[2])
+    return 0
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -224,6 +224,10 @@ def test_bad_input_never_kills_the_node_nor_changes_its_sessions(tmp_path: Path,
     assert auth_error(ask(unlisted.seal(env.encode(env.Ping(rid=4)))))
     rep = ask(link.seal(env.encode(env.Ping(rid=5))))             # the real session carries on
     assert isinstance(env.decode(link.open(rep)[1]), env.Pong)
+    # an authentic request that does not decode: a sealed ERROR naming its rid
+    rep = ask(link.seal([cbor2.dumps([1, env.Kind.PUBLISH, 77]), b"\xff not a publish body"]))
+    err = env.decode(link.open(rep)[1])
+    assert isinstance(err, env.Error) and err.rid == 77 and err.code == "bad-frame"
     counters = node.status()["counters"]
     assert counters["auth_rejected"] >= 5 and counters["rejected_frames"] >= len(bad) + 2
     assert node.proc is not None and node.proc.alive()

@@ -275,6 +275,18 @@ def test_identity_is_the_key_sessions_are_per_key_and_bounded() -> None:
     still_works(w, b, pb)
 
 
+def test_a_busy_session_outlives_one_shot_sessions_of_the_same_key() -> None:
+    """Eviction per key is by last use: a plant that keeps talking keeps its
+    session however many one-shot sessions (``plant status``) its key opens."""
+    w = World()
+    daemon, pd = linked(w, "kitchen")
+    for i in range(3 * L.MAX_SESSIONS_PER_KEY):
+        linked(w, "kitchen")                # a CLI call: one request, never used again
+        still_works(w, daemon, pd, rid=100 + i)
+    assert w.server.peer(pd.sid) is not None
+    assert sum(p.key == pd.key for p in w.server.sessions()) == L.MAX_SESSIONS_PER_KEY
+
+
 def test_misuse_is_a_local_error() -> None:
     w = World()
     c = w.client()
