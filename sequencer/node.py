@@ -109,6 +109,7 @@ class SequencerNode:
         self._peer: Peer | None = None         # who sent the request being handled (sealed)
         self._reload_requested = False
         self._sec_gc_at = 0.0
+        self._keys_queued = False              # a SENDER_KEY waits in _out
         self.log = LogStore(self.data / "log", retention_days=cfg.retention_days, fsync=cfg.fsync)
         for p in self.log.torn_tails:
             log.warning("recovered a torn log tail; the cut bytes were kept in %s", p)
@@ -459,9 +460,11 @@ class SequencerNode:
                 key_msg = sec.sender_key_for(peer)
             if key_msg is not None:
                 self._out.append([route, *key_msg])
+                self._keys_queued = True
             return None
         if key_msg is not None:
             self._out.append([route, *key_msg])
+            self._keys_queued = True
         try:
             return env.decode(inner)
         except RemoteProtocolError as exc:
@@ -654,6 +657,7 @@ class SequencerNode:
             except zmq.ZMQError:
                 pass
         out.clear()
+        self._keys_queued = False
 
     def _reject(self, route: bytes, frames: list[bytes], exc: RemoteProtocolError) -> None:
         self.counters["rejected_frames"] += 1
@@ -743,6 +747,8 @@ class SequencerNode:
         now = time.monotonic()
         if sec.bcast.rotation_due(now) or sec.bcast.key_epoch != self.state.get("key_epoch"):
             self._distribute(now)
+        elif self._keys_queued:
+            self._flush_out()         # a new session's key goes out before the batch it opens
         return sec.seal_egress(frames, now)
 
     def _distribute(self, now: float) -> None:
