@@ -685,8 +685,13 @@ class Plant:
         d = now + ENGINE_TICK_S
         if self._unsent_actions or self._unsent_hello is not None:
             d = now + 0.005                   # waiting for a new connection to come up
-        if self._submit or self._cmds or (self._unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES
-                                          and now >= self._resend_at):
+        box = self._out_box
+        # submissions wait for outbox room (on_full="block"): acks make room and
+        # wake us through the DEALER, so do not spin on poll(0) meanwhile (that
+        # spin took a few messages per turn and cost more CPU than the messages)
+        if ((self._submit and (self.on_full != "block" or box.count < box.max_count))
+                or self._cmds or (self._unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES
+                                  and now >= self._resend_at)):
             return now
         for s in self._subs:
             t = s.tracker.deadline()
