@@ -39,7 +39,8 @@ __all__ = [
     "VERSION", "Kind", "Message", "Hello", "Welcome", "Publish", "Ack", "ReplayRequest",
     "Credit", "Cancel", "ReplayChunk", "StatusRequest", "StatusReply", "Ping", "Pong",
     "Error", "Batch", "Heartbeat", "Admin", "encode", "decode", "encode_record", "decode_record",
-    "batch_frames", "decode_records", "check_topic", "check_payload", "check_producer_id",
+    "batch_frames", "decode_records", "encode_records", "publish_body", "check_topic",
+    "check_payload", "check_producer_id",
     "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "MAX_PAYLOAD_BYTES", "MAX_TOPIC_BYTES",
     "MAX_PRODUCER_ID_BYTES", "MAX_PUBLISH_ITEMS", "MAX_SEQ",
 ]
@@ -116,12 +117,22 @@ def _is_uint(v: Any) -> bool:
     return type(v) is int and 0 <= v <= MAX_SEQ
 
 
+#: Topics that passed :func:`check_topic` recently. Every message is checked
+#: (by its plant and again by the node) and topics repeat, so the answer is
+#: remembered; only valid topics are kept, and the set is emptied when full
+#: so a stream of unique topics cannot grow it.
+_VALID_TOPICS: set[str] = set()
+_VALID_TOPICS_MAX = 4096
+
+
 def check_topic(topic: Any, *, remote: bool = False) -> str:
     """Return ``topic`` if it is a valid topic, else raise.
 
     Valid: a non-empty ``str`` of at most :data:`MAX_TOPIC_BYTES` UTF-8 bytes
     with no NUL or other C0 control characters.
     """
+    if type(topic) is str and topic in _VALID_TOPICS:
+        return topic
     err = RemoteProtocolError if remote else LocalProtocolError
     if type(topic) is not str or not topic:
         raise err(f"topic must be a non-empty string, got {topic!r:.60}")
@@ -129,6 +140,9 @@ def check_topic(topic: Any, *, remote: bool = False) -> str:
         raise err(f"topic longer than {MAX_TOPIC_BYTES} bytes")
     if not topic.isprintable():
         raise err(f"topic contains control characters: {topic!r:.60}")
+    if len(_VALID_TOPICS) >= _VALID_TOPICS_MAX:
+        _VALID_TOPICS.clear()
+    _VALID_TOPICS.add(topic)
     return topic
 
 
@@ -535,6 +549,80 @@ def encode_record(seq: int, epoch: int, time: int, producer: bytes | str,
     ))
 
 
+_ITEM8 = struct.Struct(">BBB")      # 0x83, 0x18 pseq
+_ITEM16 = struct.Struct(">BBH")     # 0x83, 0x19 pseq
+_ITEM32 = struct.Struct(">BBI")     # 0x83, 0x1a pseq
+_ITEM64 = struct.Struct(">BBQ")     # 0x83, 0x1b pseq
+#: (topic, payload length) -> encoded topic + payload head, cached by
+#: :func:`publish_body`; cleared when full so it stays bounded.
+_ITEM_TAILS: dict[tuple[str, int], bytes] = {}
+_ITEM_TAILS_MAX = 4096
+
+
+def publish_body(producer: str, items: Sequence[tuple[int, str, bytes]]) -> bytes:
+    """Frame 1 of a PUBLISH: ``[producer, [[pseq, topic, payload], ...]]``.
+
+    The bytes are what ``cbor2.dumps`` gives for the same value (shortest
+    integer and length forms), built with ``struct`` and a cache of encoded
+    ``(topic, payload length)`` tails: this is every publisher's hot path,
+    and a general encoder costs several times more per item. The caller has
+    validated the items (a producer_seq is a uint, topics and payloads are
+    :func:`check_topic` / :func:`check_payload` clean).
+    """
+    tails = _ITEM_TAILS
+    parts = [b"\x82", cbor_text(producer), array_head(len(items))]
+    ap = parts.append
+    p8, p16, p32, p64 = _ITEM8.pack, _ITEM16.pack, _ITEM32.pack, _ITEM64.pack
+    for pseq, topic, payload in items:
+        if pseq < 24:
+            ap(bytes((0x83, pseq)))
+        elif pseq < 0x100:
+            ap(p8(0x83, 0x18, pseq))
+        elif pseq < 0x10000:
+            ap(p16(0x83, 0x19, pseq))
+        elif pseq < 0x100000000:
+            ap(p32(0x83, 0x1A, pseq))
+        else:
+            ap(p64(0x83, 0x1B, pseq))
+        n = len(payload)
+        tail = tails.get((topic, n))
+        if tail is None:
+            if len(tails) >= _ITEM_TAILS_MAX:
+                tails.clear()
+            tail = tails[(topic, n)] = cbor_text(topic) + _str_head(0x40, n)
+        ap(tail)
+        ap(payload)
+    return b"".join(parts)
+
+
+def encode_records(first_seq: int, epoch: int, time: int, producer: bytes,
+                   items: Sequence[tuple[int, str, bytes]]) -> list[bytes]:
+    """Encode the records ``first_seq, first_seq + 1, ...`` of ``items``
+    ``(producer_seq, topic, payload)`` that share ``epoch``, ``time`` and the
+    encoded ``producer`` (the output of :func:`cbor_text`): the new items of
+    one PUBLISH frame. Each body equals what :func:`encode_record` gives; the
+    shared part is packed once per call and topic heads are cached, which
+    makes this the sequencer's per-message encoding cost.
+    """
+    mid = _REC_HEAD.pack(0x87, 0x1B, 0, 0x1B, epoch, 0x1B, time)[10:] + producer
+    pack = struct.Struct(f">BBQ{len(mid)}sBQ").pack
+    tails = _ITEM_TAILS
+    out = []
+    ap = out.append
+    join = b"".join
+    seq = first_seq
+    for pseq, topic, payload in items:
+        n = len(payload)
+        tail = tails.get((topic, n))
+        if tail is None:
+            if len(tails) >= _ITEM_TAILS_MAX:
+                tails.clear()
+            tail = tails[(topic, n)] = cbor_text(topic) + _str_head(0x40, n)
+        ap(join((pack(0x87, 0x1B, seq, mid, 0x1B, pseq), tail, payload)))
+        seq += 1
+    return out
+
+
 def _check_record(r: Any) -> Message:
     if type(r) is not list or len(r) != 7:
         raise RemoteProtocolError("a record must be a 7-element array")
@@ -613,11 +701,14 @@ def encode(ev: Event) -> list[bytes]:
     """Encode ``ev`` into its two frames ``[head, body]``."""
     t = type(ev)
     if t is Publish:
-        head = [VERSION, Kind.PUBLISH, ev.rid]
-        body: Any = [ev.producer, [list(i) for i in ev.items]]
-    elif t is Ack:
+        try:
+            return [cbor2.dumps([VERSION, Kind.PUBLISH, ev.rid]),
+                    publish_body(ev.producer, ev.items)]
+        except Exception as exc:
+            raise LocalProtocolError(f"cannot encode Publish: {exc}") from exc
+    if t is Ack:
         head = [VERSION, Kind.ACK, ev.rid, ev.epoch]
-        body = list(ev.pairs)
+        body: Any = list(ev.pairs)
     elif t is Batch:
         return [cbor2.dumps([VERSION, Kind.BATCH, ev.epoch, ev.first_seq, ev.last_seq]), ev.records]
     elif t is ReplayChunk:

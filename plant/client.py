@@ -60,6 +60,9 @@ MAX_SUBMIT_QUEUE = 65_536
 MAX_RESEND_BACKOFF_S = 10.0
 #: Engine poll ceiling: timers are checked at least this often.
 ENGINE_TICK_S = 0.05
+#: pyzmq 27's flags are enum.Flag members: combining them in send_multipart
+#: costs microseconds per call on the hot path, plain ints do not.
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class MemoryOutbox:
@@ -81,12 +84,11 @@ class MemoryOutbox:
         return len(self._p)
 
     def append(self, items: list[tuple[str, bytes]]) -> list[int]:
-        add = sum(len(t) + len(p) for t, p in items)
+        add = sum(map(len, itertools.chain.from_iterable(items)))
         if len(self._p) + len(items) > self.max_count or self.size + add > self.max_bytes:
             raise OutboxFull(len(self._p), self.size, self.max_count, self.max_bytes)
         out = list(range(self.next_pseq, self.next_pseq + len(items)))
-        for ps, it in zip(out, items):
-            self._p[ps] = it
+        self._p.update(zip(out, items))
         self.next_pseq += len(items)
         self.size += add
         return out
@@ -100,11 +102,14 @@ class MemoryOutbox:
 
     def ack(self, pseqs: Any) -> int:
         n = 0
+        size = 0
+        pop = self._p.pop
         for k in pseqs:
-            it = self._p.pop(k, None)
+            it = pop(k, None)
             if it is not None:
-                self.size -= len(it[0]) + len(it[1])
+                size += len(it[0]) + len(it[1])
                 n += 1
+        self.size -= size
         return n
 
     def close(self) -> None:
@@ -416,19 +421,27 @@ class Plant:
         coalesced into one frame. Blocks only while more than
         :data:`MAX_SUBMIT_QUEUE` submissions are waiting for the engine.
         """
-        self._check_open()
-        if isinstance(payload, str):
-            payload = payload.encode("utf-8")
-        env.check_topic(topic)
-        payload = env.check_payload(payload)
+        if self._closed or self._engine_error is not None:
+            self._check_open()
+        if type(payload) is not bytes:
+            if isinstance(payload, str):
+                payload = payload.encode("utf-8")
+            env.check_topic(topic)
+            payload = env.check_payload(payload)
+        else:
+            env.check_topic(topic)
+            if len(payload) > env.MAX_PAYLOAD_BYTES:
+                env.check_payload(payload)        # raises
         t = Ticket(topic, payload, self._cond)
-        if len(self._submit) >= MAX_SUBMIT_QUEUE:
+        submit = self._submit
+        if len(submit) >= MAX_SUBMIT_QUEUE:
             with self._cond:
-                while len(self._submit) >= MAX_SUBMIT_QUEUE and not self._closed:
+                while len(submit) >= MAX_SUBMIT_QUEUE and not self._closed:
                     self._cond.wait(0.1)
             self._check_open()
-        self._submit.append(t)
-        self._wake()
+        submit.append(t)
+        if not self._woken:
+            self._wake()
         return t
 
     def flush(self, timeout: float | None = None) -> None:
@@ -748,9 +761,8 @@ class Plant:
             if room <= 0:
                 return
         self._accepting = True                   # before popping: flush() must not miss them
-        batch: list[Ticket] = []
-        while self._submit and len(batch) < room:
-            batch.append(self._submit.popleft())
+        pop = self._submit.popleft          # only this thread pops: len() only grows
+        batch: list[Ticket] = [pop() for _ in range(min(room, len(self._submit)))]
         try:
             pseqs = self._out_box.append([(t.topic, t.payload) for t in batch])
         except OutboxFull as exc:
@@ -766,9 +778,8 @@ class Plant:
             with self._cond:
                 self._cond.notify_all()
             return
-        tickets = self._inflight_tickets
+        self._inflight_tickets.update(zip(pseqs, batch))
         for ps, t in zip(pseqs, batch):
-            tickets[ps] = t
             t.pseq = ps
         self._accepting = False
         with self._cond:
@@ -779,32 +790,35 @@ class Plant:
     def _send_publishes(self, now: float) -> None:
         if now < self._resend_at:
             return
-        box = self._out_box
-        while self._unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES:
+        get = self._out_box.get
+        unsent = self._unsent
+        popleft = unsent.popleft
+        while unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES:
             items = []
+            pseqs = []
             size = 0
-            get = box.get
-            while self._unsent and len(items) < MAX_FRAME_ITEMS and size < MAX_FRAME_BYTES:
-                ps = self._unsent[0]
+            while unsent and len(items) < MAX_FRAME_ITEMS and size < MAX_FRAME_BYTES:
+                ps = popleft()
                 ent = get(ps)
-                self._unsent.popleft()
                 if ent is None:      # acked meanwhile (a late ack of a resend)
                     continue
-                items.append((ps, ent[0], ent[1]))
-                size += len(ent[1]) + len(ent[0])
+                topic, payload = ent
+                items.append((ps, topic, payload))
+                pseqs.append(ps)
+                size += len(payload) + len(topic)
             if not items:
                 break
             rid = self._rid()
             frames = [cbor2.dumps([env.VERSION, env.Kind.PUBLISH, rid]),
-                      cbor2.dumps([self.cfg.producer_id, items])]
+                      env.publish_body(self.cfg.producer_id, items)]
             try:
-                self._dealer.send_multipart(frames, zmq.NOBLOCK)  # type: ignore[union-attr]
+                self._dealer.send_multipart(frames, _NOBLOCK)  # type: ignore[union-attr]
             except zmq.Again:       # no connection: retry after the backoff
-                self._unsent.extendleft(reversed([i[0] for i in items]))
+                unsent.extendleft(reversed(pseqs))
                 self._resend_at = now + min(self._backoff, MAX_RESEND_BACKOFF_S)
                 self._backoff = min(self._backoff * 2, MAX_RESEND_BACKOFF_S)
                 return
-            self._inflight[rid] = ([i[0] for i in items], now + self._backoff, 0)
+            self._inflight[rid] = (pseqs, now + self._backoff, 0)
 
     def _timers(self, now: float) -> None:
         # publish frames whose ack did not come: resend (dedup makes it safe)
@@ -949,11 +963,11 @@ class Plant:
         acked = pairs[0::2]
         # tickets first, outbox second: flush() returns once the outbox is
         # empty, and by then every ticket must already say it is acked
-        tickets = self._inflight_tickets
-        for i in range(0, len(pairs), 2):
-            t = tickets.pop(pairs[i], None)
+        pop = self._inflight_tickets.pop
+        for ps, seq in zip(acked, pairs[1::2]):
+            t = pop(ps, None)
             if t is not None and t.seq is None:
-                t.seq = pairs[i + 1]
+                t.seq = seq
                 if t._callbacks:
                     t._finish()
         self._out_box.ack(acked)
