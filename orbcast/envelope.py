@@ -848,25 +848,29 @@ def decode(frames: Sequence[bytes]) -> Event:
         check_producer_id(pid, remote=True)
         if type(raw) is not list or not 0 < len(raw) <= MAX_PUBLISH_ITEMS:
             raise RemoteProtocolError(f"publish must carry 1-{MAX_PUBLISH_ITEMS} items")
-        items = []
+        # every message's path into the sequencer: the checks of _is_uint,
+        # check_topic (valid topics are cached) and check_payload, inlined
         total = 0
+        valid_topics = _VALID_TOPICS
         for it in raw:
             if type(it) is not list or len(it) != 3:
                 raise RemoteProtocolError("publish item must be [producer_seq, topic, payload]")
             pseq, topic, payload = it
-            if not _is_uint(pseq):
+            if type(pseq) is not int or not 0 <= pseq <= MAX_SEQ:
                 raise RemoteProtocolError("producer_seq must be an unsigned integer")
-            check_topic(topic, remote=True)
-            check_payload(payload, remote=True)
+            if type(topic) is not str or topic not in valid_topics:
+                check_topic(topic, remote=True)
+            if type(payload) is not bytes or len(payload) > MAX_PAYLOAD_BYTES:
+                check_payload(payload, remote=True)          # raises
             total += len(payload)
-            items.append((pseq, topic, payload))
+        items = tuple(map(tuple, raw))
         if total > len(body_b):
             # Only CBOR value sharing / string references (tags 28/29, 25/256) can
             # make payloads add up to more than the frame: a 300 KB frame could
             # otherwise expand to 2 GiB of records in the sequencer.
             raise RemoteProtocolError("publish payloads are larger than the frame "
                                       "(shared references are not allowed)")
-        return Publish(rid=rid, producer=pid, items=tuple(items))
+        return Publish(rid=rid, producer=pid, items=items)
     if kind == Kind.ACK:
         if type(body) is not list or len(body) % 2 or len(body) > 2 * MAX_PUBLISH_ITEMS:
             raise RemoteProtocolError("ack body must be a flat array of pairs")
