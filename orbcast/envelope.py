@@ -113,6 +113,9 @@ class Message(NamedTuple):
 
 # --- validation helpers ---------------------------------------------------
 
+_INT_ONLY = {int}
+
+
 def _is_uint(v: Any) -> bool:
     return type(v) is int and 0 <= v <= MAX_SEQ
 
@@ -874,9 +877,10 @@ def decode(frames: Sequence[bytes]) -> Event:
     if kind == Kind.ACK:
         if type(body) is not list or len(body) % 2 or len(body) > 2 * MAX_PUBLISH_ITEMS:
             raise RemoteProtocolError("ack body must be a flat array of pairs")
-        for v in body:
-            if not _is_uint(v):
-                raise RemoteProtocolError("ack values must be unsigned integers")
+        # column-wise (C loops): an ACK carries two integers per published message
+        if body and not (set(map(type, body)) == _INT_ONLY and min(body) >= 0
+                         and max(body) <= MAX_SEQ):
+            raise RemoteProtocolError("ack values must be unsigned integers")
         return Ack(rid=rid, epoch=h[3], pairs=tuple(body))
     if kind == Kind.HEARTBEAT:
         m = _map(body, {"node": ("text", True), "role": ("text", True), "time": ("uint", True),
