@@ -704,6 +704,10 @@ def encode(ev: Event) -> list[bytes]:
     """Encode ``ev`` into its two frames ``[head, body]``."""
     t = type(ev)
     if t is Publish:
+        for it in ev.items:          # publish_body trusts its caller: check here
+            if not (len(it) == 3 and _is_uint(it[0])):
+                raise LocalProtocolError(f"publish item must be (producer_seq, topic, payload),"
+                                         f" got {it!r:.60}")
         try:
             return [cbor2.dumps([VERSION, Kind.PUBLISH, ev.rid]),
                     publish_body(ev.producer, ev.items)]

@@ -805,7 +805,8 @@ def test_publish_body_matches_cbor2_for_any_items(items: list[tuple[int, str, by
 
 
 def test_encoding_a_bad_publish_is_a_local_error() -> None:
-    for items in (((-1, "t", b""),), (("1", "t", b""),), ((2**64, "t", b""),), ((1, 5, b""),)):
+    for items in (((-1, "t", b""),), (("1", "t", b""),), ((2**64, "t", b""),), ((1, 5, b""),),
+                  ((True, "t", b""),), ((1.0, "t", b""),), ((1, "t", "str"),), ((1, "t"),)):
         with pytest.raises(LocalProtocolError):
             env.encode(Publish(rid=1, producer="p", items=items))  # type: ignore[arg-type]
 
