@@ -39,8 +39,8 @@ __all__ = [
     "VERSION", "Kind", "Message", "Hello", "Welcome", "Publish", "Ack", "ReplayRequest",
     "Credit", "Cancel", "ReplayChunk", "StatusRequest", "StatusReply", "Ping", "Pong",
     "Error", "Batch", "Heartbeat", "Admin", "encode", "decode", "encode_record", "decode_record",
-    "batch_frames", "decode_records", "encode_records", "publish_body", "check_topic",
-    "check_payload", "check_producer_id",
+    "batch_frames", "decode_records", "encode_records", "publish_body", "publish_body_of",
+    "check_topic", "check_payload", "check_producer_id",
     "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "MAX_PAYLOAD_BYTES", "MAX_TOPIC_BYTES",
     "MAX_PRODUCER_ID_BYTES", "MAX_PUBLISH_ITEMS", "MAX_SEQ",
 ]
@@ -572,11 +572,18 @@ def publish_body(producer: str, items: Sequence[tuple[int, str, bytes]]) -> byte
     validated the items (a producer_seq is a uint, topics and payloads are
     :func:`check_topic` / :func:`check_payload` clean).
     """
+    return publish_body_of(producer, [it[0] for it in items], [it[1:] for it in items])
+
+
+def publish_body_of(producer: str, pseqs: Sequence[int],
+                    entries: Sequence[tuple[str, bytes]]) -> bytes:
+    """:func:`publish_body` of items ``(pseqs[i], *entries[i])``: the plant's
+    outbox holds ``(topic, payload)`` tuples, so it builds no new tuple per item."""
     tails = _ITEM_TAILS
-    parts = [b"\x82", cbor_text(producer), array_head(len(items))]
+    parts = [b"\x82", cbor_text(producer), array_head(len(pseqs))]
     ap = parts.append
     p8, p16, p32, p64 = _ITEM8.pack, _ITEM16.pack, _ITEM32.pack, _ITEM64.pack
-    for pseq, topic, payload in items:
+    for pseq, (topic, payload) in zip(pseqs, entries):
         if pseq < 24:
             ap(bytes((0x83, pseq)))
         elif pseq < 0x100:

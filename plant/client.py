@@ -126,11 +126,12 @@ class Ticket:
     per message: this is the hot path of every publisher).
     """
 
-    __slots__ = ("topic", "payload", "pseq", "seq", "error", "_cond", "_callbacks")
+    __slots__ = ("item", "pseq", "seq", "error", "_cond", "_callbacks")
 
     def __init__(self, topic: str, payload: bytes, cond: threading.Condition) -> None:
-        self.topic = topic
-        self.payload = payload
+        #: ``(topic, payload)``: the very tuple the outbox keeps and the engine
+        #: sends, so no further per-message tuple is built on the way out
+        self.item = (topic, payload)
         #: producer_seq once accepted into the outbox
         self.pseq: int | None = None
         #: canonical seq once acked
@@ -139,6 +140,14 @@ class Ticket:
         self.error: BaseException | None = None
         self._cond = cond
         self._callbacks: list[Callable[["Ticket"], Any]] | None = None
+
+    @property
+    def topic(self) -> str:
+        return self.item[0]
+
+    @property
+    def payload(self) -> bytes:
+        return self.item[1]
 
     def _wait(self, ready: Callable[[], bool], timeout: float | None, what: str) -> None:
         if ready():
@@ -790,7 +799,7 @@ class Plant:
         pop = self._submit.popleft          # only this thread pops: len() only grows
         batch: list[Ticket] = [pop() for _ in range(min(room, len(self._submit)))]
         try:
-            pseqs = self._out_box.append([(t.topic, t.payload) for t in batch])
+            pseqs = self._out_box.append([t.item for t in batch])
         except OutboxFull as exc:
             if self.on_full == "block":
                 self._blocked.extend(batch)
@@ -820,23 +829,22 @@ class Plant:
         unsent = self._unsent
         popleft = unsent.popleft
         while unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES:
-            items = []
+            entries = []              # (topic, payload) as the outbox holds them
             pseqs = []
             size = 0
-            while unsent and len(items) < MAX_FRAME_ITEMS and size < MAX_FRAME_BYTES:
+            while unsent and len(pseqs) < MAX_FRAME_ITEMS and size < MAX_FRAME_BYTES:
                 ps = popleft()
                 ent = get(ps)
                 if ent is None:      # acked meanwhile (a late ack of a resend)
                     continue
-                topic, payload = ent
-                items.append((ps, topic, payload))
+                entries.append(ent)
                 pseqs.append(ps)
-                size += len(payload) + len(topic)
-            if not items:
+                size += len(ent[1]) + len(ent[0])
+            if not pseqs:
                 break
             rid = self._rid()
             frames = [cbor2.dumps([env.VERSION, env.Kind.PUBLISH, rid]),
-                      env.publish_body(self.cfg.producer_id, items)]
+                      env.publish_body_of(self.cfg.producer_id, pseqs, entries)]
             try:
                 self._dealer.send_multipart(frames, _NOBLOCK)  # type: ignore[union-attr]
             except zmq.Again:       # no connection: retry after the backoff
