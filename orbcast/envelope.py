@@ -552,10 +552,6 @@ def encode_record(seq: int, epoch: int, time: int, producer: bytes | str,
     ))
 
 
-_ITEM8 = struct.Struct(">BBB")      # 0x83, 0x18 pseq
-_ITEM16 = struct.Struct(">BBH")     # 0x83, 0x19 pseq
-_ITEM32 = struct.Struct(">BBI")     # 0x83, 0x1a pseq
-_ITEM64 = struct.Struct(">BBQ")     # 0x83, 0x1b pseq
 #: (topic, payload length) -> encoded topic + payload head, cached by
 #: :func:`publish_body`; cleared when full so it stays bounded.
 _ITEM_TAILS: dict[tuple[str, int], bytes] = {}
@@ -578,31 +574,61 @@ def publish_body(producer: str, items: Sequence[tuple[int, str, bytes]]) -> byte
 def publish_body_of(producer: str, pseqs: Sequence[int],
                     entries: Sequence[tuple[str, bytes]]) -> bytes:
     """:func:`publish_body` of items ``(pseqs[i], *entries[i])``: the plant's
-    outbox holds ``(topic, payload)`` tuples, so it builds no new tuple per item."""
+    outbox holds ``(topic, payload)`` tuples, so it builds no new tuple per item.
+
+    Each item is one ``struct`` pack (item head, producer_seq, the cached topic
+    and payload heads, the payload) with a packer chosen when the topic, the
+    payload length or the producer_seq width changes, which in a frame of
+    consecutive producer_seqs is rare.
+    """
     tails = _ITEM_TAILS
     parts = [b"\x82", cbor_text(producer), array_head(len(pseqs))]
     ap = parts.append
-    p8, p16, p32, p64 = _ITEM8.pack, _ITEM16.pack, _ITEM32.pack, _ITEM64.pack
+    lt: str | None = None
+    ln = -1
+    lo = hi = 0                    # producer_seqs in [lo, hi) share the head width
+    pack: Any = None
+    ai = 0
+    tail = b""
     for pseq, (topic, payload) in zip(pseqs, entries):
-        if pseq < 24:
-            ap(bytes((0x83, pseq)))
-        elif pseq < 0x100:
-            ap(p8(0x83, 0x18, pseq))
-        elif pseq < 0x10000:
-            ap(p16(0x83, 0x19, pseq))
-        elif pseq < 0x100000000:
-            ap(p32(0x83, 0x1A, pseq))
-        else:
-            ap(p64(0x83, 0x1B, pseq))
         n = len(payload)
-        tail = tails.get((topic, n))
-        if tail is None:
-            if len(tails) >= _ITEM_TAILS_MAX:
-                tails.clear()
-            tail = tails[(topic, n)] = cbor_text(topic) + _str_head(0x40, n)
-        ap(tail)
-        ap(payload)
+        if n != ln or topic is not lt or not lo <= pseq < hi:
+            key = (topic, n)
+            tail = tails.get(key)  # type: ignore[assignment]
+            if tail is None:
+                if len(tails) >= _ITEM_TAILS_MAX:
+                    tails.clear()
+                tail = tails[key] = cbor_text(topic) + _str_head(0x40, n)
+            lt, ln = topic, n
+            if pseq < 24:                      # a producer's first 23: not cached
+                lo = hi = 0
+                ap(bytes((0x83, pseq)))
+                ap(tail)
+                ap(payload)
+                continue
+            ai, lo, hi, code = _PSEQ_WIDTHS[(pseq >= 0x100) + (pseq >= 0x10000)
+                                            + (pseq >= 0x100000000)]
+            pack = _packer(f">BB{code}{len(tail)}s{n}s")
+        ap(pack(0x83, ai, pseq, tail, payload))
     return b"".join(parts)
+
+
+#: (CBOR additional info, lowest, highest + 1, struct code) per producer_seq width
+_PSEQ_WIDTHS = ((24, 24, 0x100, "B"), (25, 0x100, 0x10000, "H"),
+                (26, 0x10000, 0x100000000, "I"), (27, 0x100000000, 1 << 64, "Q"))
+#: Compiled struct packers by format for the encoders here; bounded, since
+#: formats embed payload lengths.
+_PACKERS: dict[str, Any] = {}
+_PACKERS_MAX = 1024
+
+
+def _packer(fmt: str) -> Any:
+    pack = _PACKERS.get(fmt)
+    if pack is None:
+        if len(_PACKERS) >= _PACKERS_MAX:
+            _PACKERS.clear()
+        pack = _PACKERS[fmt] = struct.Struct(fmt).pack
+    return pack
 
 
 def encode_records(first_seq: int, epoch: int, time: int, producer: bytes,
@@ -611,24 +637,32 @@ def encode_records(first_seq: int, epoch: int, time: int, producer: bytes,
     ``(producer_seq, topic, payload)`` that share ``epoch``, ``time`` and the
     encoded ``producer`` (the output of :func:`cbor_text`): the new items of
     one PUBLISH frame. Each body equals what :func:`encode_record` gives; the
-    shared part is packed once per call and topic heads are cached, which
-    makes this the sequencer's per-message encoding cost.
+    shared part is packed once per call and each record is one ``struct``
+    pack, with a packer chosen when the topic or payload length changes: this
+    is the sequencer's per-message encoding cost.
     """
     mid = _REC_HEAD.pack(0x87, 0x1B, 0, 0x1B, epoch, 0x1B, time)[10:] + producer
-    pack = struct.Struct(f">BBQ{len(mid)}sBQ").pack
+    m = len(mid)
     tails = _ITEM_TAILS
     out = []
     ap = out.append
-    join = b"".join
     seq = first_seq
+    lt: str | None = None
+    ln = -1
+    pack: Any = None
+    tail = b""
     for pseq, topic, payload in items:
         n = len(payload)
-        tail = tails.get((topic, n))
-        if tail is None:
-            if len(tails) >= _ITEM_TAILS_MAX:
-                tails.clear()
-            tail = tails[(topic, n)] = cbor_text(topic) + _str_head(0x40, n)
-        ap(join((pack(0x87, 0x1B, seq, mid, 0x1B, pseq), tail, payload)))
+        if n != ln or topic is not lt:
+            key = (topic, n)
+            tail = tails.get(key)  # type: ignore[assignment]
+            if tail is None:
+                if len(tails) >= _ITEM_TAILS_MAX:
+                    tails.clear()
+                tail = tails[key] = cbor_text(topic) + _str_head(0x40, n)
+            lt, ln = topic, n
+            pack = _packer(f">BBQ{m}sBQ{len(tail)}s{n}s")
+        ap(pack(0x87, 0x1B, seq, mid, 0x1B, pseq, tail, payload))
         seq += 1
     return out
 

@@ -834,3 +834,15 @@ def test_topic_cache_never_admits_an_invalid_topic() -> None:
     for i in range(env._VALID_TOPICS_MAX + 10):               # bounded
         env.check_topic(f"t/{i}")
     assert len(env._VALID_TOPICS) <= env._VALID_TOPICS_MAX
+
+
+def test_encoders_switch_packers_inside_one_frame() -> None:
+    """Producer_seq widths, topics and payload lengths that change from item to
+    item (the encoders pick a packer per run of equal ones)."""
+    pseqs = [*range(0, 300), 65535, 65536, 65537, 2**32 - 1, 2**32, 2**32 + 1, 5, 2**40]
+    items = [(p, ("a", "bb/ü", "a")[i % 3], b"\x03" * (i % 5 if i % 7 else 300))
+             for i, p in enumerate(pseqs)]
+    assert env.publish_body("p", items) == cbor2.dumps(["p", [list(i) for i in items]])
+    pid = env.cbor_text("p")
+    assert env.encode_records(9, 2, 123, pid, items) == [
+        env.encode_record(9 + i, 2, 123, pid, p, t, b) for i, (p, t, b) in enumerate(items)]
