@@ -256,7 +256,8 @@ class SequencerCore:
         n = len(items)
         if n and items[0][0] > p.hi and FRAME_RUNS:
             pseqs = [it[0] for it in items]
-            if pseqs[-1] - pseqs[0] == n - 1 and (n == 1 or all(map(int.__lt__, pseqs, pseqs[1:]))):
+            if pseqs[-1] - pseqs[0] == n - 1 and (
+                    n == 1 or all(map(int.__lt__, pseqs, pseqs[1:]))):
                 # The common frame: a run of new, consecutive producer seqs. One
                 # dedup run, records encoded with the shared fields packed once.
                 self._publish_run(route, rid, p, pseqs, items, seq, t)
