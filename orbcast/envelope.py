@@ -39,7 +39,8 @@ __all__ = [
     "VERSION", "Kind", "Message", "Hello", "Welcome", "Publish", "Ack", "ReplayRequest",
     "Credit", "Cancel", "ReplayChunk", "StatusRequest", "StatusReply", "Ping", "Pong",
     "Error", "Batch", "Heartbeat", "Admin", "encode", "decode", "encode_record", "decode_record",
-    "batch_frames", "decode_records", "check_topic", "check_payload", "check_producer_id",
+    "batch_frames", "decode_records", "encode_records", "publish_body", "publish_body_of",
+    "check_topic", "check_payload", "check_producer_id",
     "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "MAX_PAYLOAD_BYTES", "MAX_TOPIC_BYTES",
     "MAX_PRODUCER_ID_BYTES", "MAX_PUBLISH_ITEMS", "MAX_SEQ",
 ]
@@ -112,8 +113,19 @@ class Message(NamedTuple):
 
 # --- validation helpers ---------------------------------------------------
 
+_INT_ONLY = {int}
+
+
 def _is_uint(v: Any) -> bool:
     return type(v) is int and 0 <= v <= MAX_SEQ
+
+
+#: Topics that passed :func:`check_topic` recently. Every message is checked
+#: (by its plant and again by the node) and topics repeat, so the answer is
+#: remembered; only valid topics are kept, and the set is emptied when full
+#: so a stream of unique topics cannot grow it.
+_VALID_TOPICS: set[str] = set()
+_VALID_TOPICS_MAX = 4096
 
 
 def check_topic(topic: Any, *, remote: bool = False) -> str:
@@ -122,6 +134,8 @@ def check_topic(topic: Any, *, remote: bool = False) -> str:
     Valid: a non-empty ``str`` of at most :data:`MAX_TOPIC_BYTES` UTF-8 bytes
     with no NUL or other C0 control characters.
     """
+    if type(topic) is str and topic in _VALID_TOPICS:
+        return topic
     err = RemoteProtocolError if remote else LocalProtocolError
     if type(topic) is not str or not topic:
         raise err(f"topic must be a non-empty string, got {topic!r:.60}")
@@ -129,6 +143,9 @@ def check_topic(topic: Any, *, remote: bool = False) -> str:
         raise err(f"topic longer than {MAX_TOPIC_BYTES} bytes")
     if not topic.isprintable():
         raise err(f"topic contains control characters: {topic!r:.60}")
+    if len(_VALID_TOPICS) >= _VALID_TOPICS_MAX:
+        _VALID_TOPICS.clear()
+    _VALID_TOPICS.add(topic)
     return topic
 
 
@@ -535,6 +552,121 @@ def encode_record(seq: int, epoch: int, time: int, producer: bytes | str,
     ))
 
 
+#: (topic, payload length) -> encoded topic + payload head, cached by
+#: :func:`publish_body`; cleared when full so it stays bounded.
+_ITEM_TAILS: dict[tuple[str, int], bytes] = {}
+_ITEM_TAILS_MAX = 4096
+
+
+def publish_body(producer: str, items: Sequence[tuple[int, str, bytes]]) -> bytes:
+    """Frame 1 of a PUBLISH: ``[producer, [[pseq, topic, payload], ...]]``.
+
+    The bytes are what ``cbor2.dumps`` gives for the same value (shortest
+    integer and length forms), built with ``struct`` and a cache of encoded
+    ``(topic, payload length)`` tails: this is every publisher's hot path,
+    and a general encoder costs several times more per item. The caller has
+    validated the items (a producer_seq is a uint, topics and payloads are
+    :func:`check_topic` / :func:`check_payload` clean).
+    """
+    return publish_body_of(producer, [it[0] for it in items], [it[1:] for it in items])
+
+
+def publish_body_of(producer: str, pseqs: Sequence[int],
+                    entries: Sequence[tuple[str, bytes]]) -> bytes:
+    """:func:`publish_body` of items ``(pseqs[i], *entries[i])``: the plant's
+    outbox holds ``(topic, payload)`` tuples, so it builds no new tuple per item.
+
+    Each item is one ``struct`` pack (item head, producer_seq, the cached topic
+    and payload heads, the payload) with a packer chosen when the topic, the
+    payload length or the producer_seq width changes, which in a frame of
+    consecutive producer_seqs is rare.
+    """
+    tails = _ITEM_TAILS
+    parts = [b"\x82", cbor_text(producer), array_head(len(pseqs))]
+    ap = parts.append
+    lt: str | None = None
+    ln = -1
+    lo = hi = 0                    # producer_seqs in [lo, hi) share the head width
+    pack: Any = None
+    ai = 0
+    tail = b""
+    for pseq, (topic, payload) in zip(pseqs, entries):
+        n = len(payload)
+        if n != ln or topic is not lt or not lo <= pseq < hi:
+            key = (topic, n)
+            tail = tails.get(key)  # type: ignore[assignment]
+            if tail is None:
+                if len(tails) >= _ITEM_TAILS_MAX:
+                    tails.clear()
+                tail = tails[key] = cbor_text(topic) + _str_head(0x40, n)
+            lt, ln = topic, n
+            if pseq < 24:                      # a producer's first 23: not cached
+                lo = hi = 0
+                ap(bytes((0x83, pseq)))
+                ap(tail)
+                ap(payload)
+                continue
+            ai, lo, hi, code = _PSEQ_WIDTHS[(pseq >= 0x100) + (pseq >= 0x10000)
+                                            + (pseq >= 0x100000000)]
+            pack = _packer(f">BB{code}{len(tail)}s{n}s")
+        ap(pack(0x83, ai, pseq, tail, payload))
+    return b"".join(parts)
+
+
+#: (CBOR additional info, lowest, highest + 1, struct code) per producer_seq width
+_PSEQ_WIDTHS = ((24, 24, 0x100, "B"), (25, 0x100, 0x10000, "H"),
+                (26, 0x10000, 0x100000000, "I"), (27, 0x100000000, 1 << 64, "Q"))
+#: Compiled struct packers by format for the encoders here; bounded, since
+#: formats embed payload lengths.
+_PACKERS: dict[str, Any] = {}
+_PACKERS_MAX = 1024
+
+
+def _packer(fmt: str) -> Any:
+    pack = _PACKERS.get(fmt)
+    if pack is None:
+        if len(_PACKERS) >= _PACKERS_MAX:
+            _PACKERS.clear()
+        pack = _PACKERS[fmt] = struct.Struct(fmt).pack
+    return pack
+
+
+def encode_records(first_seq: int, epoch: int, time: int, producer: bytes,
+                   items: Sequence[tuple[int, str, bytes]]) -> list[bytes]:
+    """Encode the records ``first_seq, first_seq + 1, ...`` of ``items``
+    ``(producer_seq, topic, payload)`` that share ``epoch``, ``time`` and the
+    encoded ``producer`` (the output of :func:`cbor_text`): the new items of
+    one PUBLISH frame. Each body equals what :func:`encode_record` gives; the
+    shared part is packed once per call and each record is one ``struct``
+    pack, with a packer chosen when the topic or payload length changes: this
+    is the sequencer's per-message encoding cost.
+    """
+    mid = _REC_HEAD.pack(0x87, 0x1B, 0, 0x1B, epoch, 0x1B, time)[10:] + producer
+    m = len(mid)
+    tails = _ITEM_TAILS
+    out = []
+    ap = out.append
+    seq = first_seq
+    lt: str | None = None
+    ln = -1
+    pack: Any = None
+    tail = b""
+    for pseq, topic, payload in items:
+        n = len(payload)
+        if n != ln or topic is not lt:
+            key = (topic, n)
+            tail = tails.get(key)  # type: ignore[assignment]
+            if tail is None:
+                if len(tails) >= _ITEM_TAILS_MAX:
+                    tails.clear()
+                tail = tails[key] = cbor_text(topic) + _str_head(0x40, n)
+            lt, ln = topic, n
+            pack = _packer(f">BBQ{m}sBQ{len(tail)}s{n}s")
+        ap(pack(0x87, 0x1B, seq, mid, 0x1B, pseq, tail, payload))
+        seq += 1
+    return out
+
+
 def _check_record(r: Any) -> Message:
     if type(r) is not list or len(r) != 7:
         raise RemoteProtocolError("a record must be a 7-element array")
@@ -613,11 +745,18 @@ def encode(ev: Event) -> list[bytes]:
     """Encode ``ev`` into its two frames ``[head, body]``."""
     t = type(ev)
     if t is Publish:
-        head = [VERSION, Kind.PUBLISH, ev.rid]
-        body: Any = [ev.producer, [list(i) for i in ev.items]]
-    elif t is Ack:
+        for it in ev.items:          # publish_body trusts its caller: check here
+            if not (len(it) == 3 and _is_uint(it[0])):
+                raise LocalProtocolError(f"publish item must be (producer_seq, topic, payload),"
+                                         f" got {it!r:.60}")
+        try:
+            return [cbor2.dumps([VERSION, Kind.PUBLISH, ev.rid]),
+                    publish_body(ev.producer, ev.items)]
+        except Exception as exc:
+            raise LocalProtocolError(f"cannot encode Publish: {exc}") from exc
+    if t is Ack:
         head = [VERSION, Kind.ACK, ev.rid, ev.epoch]
-        body = list(ev.pairs)
+        body: Any = list(ev.pairs)
     elif t is Batch:
         return [cbor2.dumps([VERSION, Kind.BATCH, ev.epoch, ev.first_seq, ev.last_seq]), ev.records]
     elif t is ReplayChunk:
@@ -757,31 +896,36 @@ def decode(frames: Sequence[bytes]) -> Event:
         check_producer_id(pid, remote=True)
         if type(raw) is not list or not 0 < len(raw) <= MAX_PUBLISH_ITEMS:
             raise RemoteProtocolError(f"publish must carry 1-{MAX_PUBLISH_ITEMS} items")
-        items = []
+        # every message's path into the sequencer: the checks of _is_uint,
+        # check_topic (valid topics are cached) and check_payload, inlined
         total = 0
+        valid_topics = _VALID_TOPICS
         for it in raw:
             if type(it) is not list or len(it) != 3:
                 raise RemoteProtocolError("publish item must be [producer_seq, topic, payload]")
             pseq, topic, payload = it
-            if not _is_uint(pseq):
+            if type(pseq) is not int or not 0 <= pseq <= MAX_SEQ:
                 raise RemoteProtocolError("producer_seq must be an unsigned integer")
-            check_topic(topic, remote=True)
-            check_payload(payload, remote=True)
+            if type(topic) is not str or topic not in valid_topics:
+                check_topic(topic, remote=True)
+            if type(payload) is not bytes or len(payload) > MAX_PAYLOAD_BYTES:
+                check_payload(payload, remote=True)          # raises
             total += len(payload)
-            items.append((pseq, topic, payload))
+        items = tuple(map(tuple, raw))
         if total > len(body_b):
             # Only CBOR value sharing / string references (tags 28/29, 25/256) can
             # make payloads add up to more than the frame: a 300 KB frame could
             # otherwise expand to 2 GiB of records in the sequencer.
             raise RemoteProtocolError("publish payloads are larger than the frame "
                                       "(shared references are not allowed)")
-        return Publish(rid=rid, producer=pid, items=tuple(items))
+        return Publish(rid=rid, producer=pid, items=items)
     if kind == Kind.ACK:
         if type(body) is not list or len(body) % 2 or len(body) > 2 * MAX_PUBLISH_ITEMS:
             raise RemoteProtocolError("ack body must be a flat array of pairs")
-        for v in body:
-            if not _is_uint(v):
-                raise RemoteProtocolError("ack values must be unsigned integers")
+        # column-wise (C loops): an ACK carries two integers per published message
+        if body and not (set(map(type, body)) == _INT_ONLY and min(body) >= 0
+                         and max(body) <= MAX_SEQ):
+            raise RemoteProtocolError("ack values must be unsigned integers")
         return Ack(rid=rid, epoch=h[3], pairs=tuple(body))
     if kind == Kind.HEARTBEAT:
         m = _map(body, {"node": ("text", True), "role": ("text", True), "time": ("uint", True),

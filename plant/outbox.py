@@ -174,6 +174,11 @@ _KINDS: Final = frozenset({KIND_ENTRY, KIND_ACK})
 
 ENTRY_FIXED: Final = struct.Struct(">QH")
 ACK_RANGE: Final = struct.Struct(">QQ")
+#: An ENTRY's record head and fixed part in one pack, with (_ENTRY_HEAD) and
+#: without (_ENTRY_CRC_INPUT, what the CRC covers before topic and payload) the
+#: CRC field: the hot path packs twice and runs three CRCs per entry, not four.
+_ENTRY_HEAD: Final = struct.Struct(">2sBBIIQH")
+_ENTRY_CRC_INPUT: Final = struct.Struct(">2sBBIQH")
 
 # ---------------------------------------------------------------------------
 # Bounds.
@@ -220,16 +225,17 @@ def _encode_entries(entries: Iterable[tuple[int, bytes, bytes]], out: list[bytes
     Returns the bytes added. The caller joins ``out`` once, so a batch costs one
     copy. This is the hot path of ``append()``: one loop, no call per entry.
     """
-    start_pack = RECORD_HEAD_START.pack
-    fixed_pack = ENTRY_FIXED.pack
+    head_pack = _ENTRY_HEAD.pack
+    crc_input = _ENTRY_CRC_INPUT.pack
     crc32 = zlib.crc32
+    fixed_size = ENTRY_FIXED.size
     total = 0
     for pseq, topic, payload in entries:
-        length = ENTRY_FIXED.size + len(topic) + len(payload)
-        start = start_pack(RECORD_MAGIC, KIND_ENTRY, 0, length)
-        fixed = fixed_pack(pseq, len(topic))
-        crc = crc32(payload, crc32(topic, crc32(fixed, crc32(start))))
-        out += (start, crc.to_bytes(4, "big"), fixed, topic, payload)
+        tlen = len(topic)
+        length = fixed_size + tlen + len(payload)
+        crc = crc32(payload, crc32(topic, crc32(crc_input(RECORD_MAGIC, KIND_ENTRY, 0, length,
+                                                          pseq, tlen))))
+        out += (head_pack(RECORD_MAGIC, KIND_ENTRY, 0, length, crc, pseq, tlen), topic, payload)
         total += RECORD_HEAD.size + length
     return total
 
@@ -452,8 +458,8 @@ class Outbox:
         # hot path, so no call per entry beyond struct/crc.
         cache = self._topic_cache
         first = self._next_pseq
-        start_pack = RECORD_HEAD_START.pack
-        fixed_pack = ENTRY_FIXED.pack
+        head_pack = _ENTRY_HEAD.pack
+        crc_input = _ENTRY_CRC_INPUT.pack
         crc32 = zlib.crc32
         fixed_size = ENTRY_FIXED.size
         parts: list[bytes] = []
@@ -474,10 +480,11 @@ class Outbox:
                 raise LocalProtocolError(
                     f"message of {len(payload)} bytes exceeds the outbox record limit"
                 )
-            start = start_pack(RECORD_MAGIC, KIND_ENTRY, 0, length)
-            fixed = fixed_pack(pseq, len(raw_topic))
-            crc = crc32(payload, crc32(raw_topic, crc32(fixed, crc32(start))))
-            parts += (start, crc.to_bytes(4, "big"), fixed, raw_topic, payload)
+            tlen = len(raw_topic)
+            crc = crc32(payload, crc32(raw_topic, crc32(crc_input(RECORD_MAGIC, KIND_ENTRY, 0,
+                                                                  length, pseq, tlen))))
+            parts += (head_pack(RECORD_MAGIC, KIND_ENTRY, 0, length, crc, pseq, tlen),
+                      raw_topic, payload)
             prepared.append((topic, payload, nbytes))
             add += nbytes
             pseq += 1

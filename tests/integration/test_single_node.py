@@ -195,3 +195,34 @@ def test_flush_returns_only_when_everything_is_acked(tmp_path: Path, procs: list
             assert p.outbox_depth == 0
     seqs = [t.seq for t in tickets]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def test_get_many_is_the_stream_get_gives(tmp_path: Path, node_factory) -> None:
+    """get_many() hands out the same in-order, exactly-once stream as get(), in
+    lists of at most max_count, and with a checkpoint and auto_ack the whole
+    list counts as processed at the next call."""
+    from orbcast.config import PlantConfig
+    from plant.client import Plant
+    node = node_factory().start()
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="gm", data=str(tmp_path / "pl"))
+    n = 5000
+    with Plant(cfg, outbox=False) as p:
+        tickets = [p.publish_nowait("t/gm", i.to_bytes(4, "big")) for i in range(n)]
+        p.flush(60)
+        sub = p.subscribe("", start=1, checkpoint="gm", to_seq=n)
+        got = []
+        while True:
+            ms = sub.get_many(700, timeout=30)
+            if not ms:
+                break
+            assert 1 <= len(ms) <= 700
+            got += ms
+        assert [m.seq for m in got] == list(range(1, n + 1))
+        assert [m.payload for m in got] == [i.to_bytes(4, "big") for i in range(n)]
+        assert [t.seq for t in tickets] == [m.seq for m in got]
+        assert sub.position == n and sub.delivered == n
+        with pytest.raises(ValueError):
+            sub.get_many(0)
+        sub.close()
+        sub2 = p.subscribe("", checkpoint="gm", to_seq=n)    # resumes after the last list
+        assert sub2.get_many(10, timeout=10) == []

@@ -779,3 +779,70 @@ def test_decode_records_random_cbor(value: object) -> None:
         decode_records(cbor2.dumps(value))
     except RemoteProtocolError:
         pass
+
+
+# --- hot-path encoders: the same bytes as the general encoder ---------------------
+
+_PSEQS = [0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, env.MAX_SEQ]
+_LENS = [0, 1, 23, 24, 255, 256, 65535, 65536, env.MAX_PAYLOAD_BYTES]
+
+
+@pytest.mark.parametrize("pseq", _PSEQS)
+@pytest.mark.parametrize("n", _LENS)
+def test_publish_body_is_what_cbor2_gives(pseq: int, n: int) -> None:
+    items = ((pseq, "t", b"\x01" * n), (1, "ü/" + "x" * 30, b""), (pseq, "t" * 256, b"p"))
+    assert env.publish_body("p1", items) == cbor2.dumps(["p1", [list(i) for i in items]])
+
+
+@given(st.lists(st.tuples(st.integers(0, env.MAX_SEQ),
+                          st.text(min_size=1, max_size=20).filter(str.isprintable),
+                          st.binary(max_size=300)), min_size=1, max_size=20))
+def test_publish_body_matches_cbor2_for_any_items(items: list[tuple[int, str, bytes]]) -> None:
+    body = env.publish_body("prod", items)
+    assert body == cbor2.dumps(["prod", [list(i) for i in items]])
+    ev = decode([cbor2.dumps([1, 2, 9]), body])
+    assert ev == Publish(rid=9, producer="prod", items=tuple(items))
+
+
+def test_encoding_a_bad_publish_is_a_local_error() -> None:
+    for items in (((-1, "t", b""),), (("1", "t", b""),), ((2**64, "t", b""),), ((1, 5, b""),),
+                  ((True, "t", b""),), ((1.0, "t", b""),), ((1, "t", "str"),), ((1, "t"),)):
+        with pytest.raises(LocalProtocolError):
+            env.encode(Publish(rid=1, producer="p", items=items))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n", _LENS)
+def test_encode_records_equals_encode_record(n: int) -> None:
+    pid = env.cbor_text("bench-p0")
+    items = [(p, "a/b", b"\x02" * n) for p in _PSEQS] + [(7, "ü" * 60, b"")]
+    got = env.encode_records(41, 3, 1_700_000_000_000_000_000, pid, items)
+    want = [env.encode_record(41 + i, 3, 1_700_000_000_000_000_000, pid, p, t, b)
+            for i, (p, t, b) in enumerate(items)]
+    assert got == want
+    assert [env.decode_record(b) for b in got] == [
+        env.Message(41 + i, 3, 1_700_000_000_000_000_000, "bench-p0", p, t, b)
+        for i, (p, t, b) in enumerate(items)]
+
+
+def test_topic_cache_never_admits_an_invalid_topic() -> None:
+    assert env.check_topic("a/b") == "a/b"
+    assert env.check_topic("a/b", remote=True) == "a/b"     # cached: same answer
+    for bad in ("", "a\x00b", "x" * (env.MAX_TOPIC_BYTES + 1), b"a/b", None):
+        for remote, err in ((False, LocalProtocolError), (True, RemoteProtocolError)):
+            with pytest.raises(err):
+                env.check_topic(bad, remote=remote)
+    for i in range(env._VALID_TOPICS_MAX + 10):               # bounded
+        env.check_topic(f"t/{i}")
+    assert len(env._VALID_TOPICS) <= env._VALID_TOPICS_MAX
+
+
+def test_encoders_switch_packers_inside_one_frame() -> None:
+    """Producer_seq widths, topics and payload lengths that change from item to
+    item (the encoders pick a packer per run of equal ones)."""
+    pseqs = [*range(0, 300), 65535, 65536, 65537, 2**32 - 1, 2**32, 2**32 + 1, 5, 2**40]
+    items = [(p, ("a", "bb/ü", "a")[i % 3], b"\x03" * (i % 5 if i % 7 else 300))
+             for i, p in enumerate(pseqs)]
+    assert env.publish_body("p", items) == cbor2.dumps(["p", [list(i) for i in items]])
+    pid = env.cbor_text("p")
+    assert env.encode_records(9, 2, 123, pid, items) == [
+        env.encode_record(9 + i, 2, 123, pid, p, t, b) for i, (p, t, b) in enumerate(items)]

@@ -675,3 +675,37 @@ def test_fsync_off_never_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         log.append(make(1, 5) + make(6, 2, t0=DAY2))
         assert log.sync() == 0.0
         log.truncate_after(3)
+
+
+# --- trusted appends (the sequencing core's own records) ----------------------------------
+
+
+@pytest.mark.parametrize("step", [S, 3 * 3600 * S])      # one day, and batches spanning days
+def test_trusted_append_writes_what_a_checked_append_writes(tmp_path: Path, step: int) -> None:
+    recs = make(1, 40, step=step)
+    with open_log(tmp_path / "a") as a, open_log(tmp_path / "b") as b:
+        for lo in range(0, 40, 13):
+            a.append(recs[lo:lo + 13])
+            b.append(recs[lo:lo + 13], trusted=True)
+        a.sync()
+        b.sync()
+        assert (a.first_seq, a.last_seq, a.last_time) == (b.first_seq, b.last_seq, b.last_time)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with open_log(tmp_path / "b") as b:
+        assert [r[0] for r in b.read(1, max_records=100)] == list(range(1, 41))
+
+
+def test_trusted_append_still_refuses_records_that_do_not_follow(tmp_path: Path) -> None:
+    with open_log(tmp_path) as log:
+        log.append(make(1, 5))
+        size = sum(p.stat().st_size for p in tmp_path.glob("*.seg"))
+        for bad in (make(7, 3, t0=DAY1 + 10 * S),               # a gap
+                    make(6, 3, t0=DAY1),                        # time before the last record
+                    make(6, 3, t0=DAY1 + 10 * S)[:2] + make(9, 1, t0=DAY1 + 20 * S)):  # bad end
+            with pytest.raises(LocalProtocolError):
+                log.append(bad, trusted=True)
+        assert log.last_seq == 5
+        assert sum(p.stat().st_size for p in tmp_path.glob("*.seg")) == size

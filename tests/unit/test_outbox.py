@@ -412,3 +412,27 @@ def test_kill_9_loses_nothing_accepted(
         floor = HEADER.unpack_from((tmp_path / FILE_NAME).read_bytes())[3]
         assert (floor > 1) == compacted  # the seeded run crossed a compaction (or not)
         assert box.append(items(1)) == [top]
+
+
+def test_entry_records_have_the_documented_layout(tmp_path: Path) -> None:
+    """The hot path packs an ENTRY's head in one go; the bytes must be the
+    documented start | crc32(start, fixed, topic, payload) | fixed | topic | payload."""
+    import zlib
+
+    def by_the_book(pseq: int, topic: bytes, payload: bytes) -> bytes:
+        length = outbox_mod.ENTRY_FIXED.size + len(topic) + len(payload)
+        start = outbox_mod.RECORD_HEAD_START.pack(outbox_mod.RECORD_MAGIC,
+                                                  outbox_mod.KIND_ENTRY, 0, length)
+        fixed = outbox_mod.ENTRY_FIXED.pack(pseq, len(topic))
+        crc = zlib.crc32(payload, zlib.crc32(topic, zlib.crc32(fixed, zlib.crc32(start))))
+        return start + crc.to_bytes(4, "big") + fixed + topic + payload
+
+    entries = [(1, b"t", b""), (2, "ü/x".encode(), b"\x00" * 300), (2**40, b"a" * 70, b"p")]
+    out: list[bytes] = []
+    n = outbox_mod._encode_entries(entries, out)
+    want = b"".join(by_the_book(*e) for e in entries)
+    assert b"".join(out) == want and n == len(want)
+    with Outbox(tmp_path / "ob") as ob:
+        ob.append([("t", b""), ("ü/x", b"\x00" * 300)])
+    data = (tmp_path / "ob" / "outbox.dat").read_bytes()
+    assert data.endswith(by_the_book(1, b"t", b"") + by_the_book(2, "ü/x".encode(), b"\x00" * 300))
