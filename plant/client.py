@@ -843,6 +843,9 @@ class Plant:
             elif not sent and self._send(ev):
                 self._requests[rid] = (fut, deadline, ev, True)
         for s in self._subs:
+            # credit withheld while the application's queue was full is granted once
+            # it has drained (Subscription.get wakes us for that)
+            s.tracker.consumed(now)
             s.tracker.tick(now)
 
     def _maybe_failover(self, now: float, force: bool = False) -> None:

@@ -273,6 +273,28 @@ def test_credit_is_withheld_while_ready_is_full_and_granted_by_consumed() -> Non
     assert seqs(tr) == list(range(10, 31))
 
 
+def test_a_replay_paused_by_a_full_ready_queue_does_not_time_out() -> None:
+    """While we withhold all credit the node is silent because of us: no retry, no
+    deadline; once the application drains, credit goes out and the timeout runs again."""
+    tr = tracker(start=Start.at_seq(1), credit=1, chunk_records=10, ready_limit=15,
+                 request_timeout=2.0)
+    tr.on_heartbeat(100, 0.0)
+    assert tr.actions() == [req(1, 1, None, credit=1, max_records=10)]
+    chunk(tr, 1, 1, 11, now=0.5)                          # 10 + 10 > 15: withheld
+    assert tr.actions() == [] and tr.deadline() is None
+    tr.tick(60.0)                                        # long past the request timeout
+    assert tr.actions() == [] and tr.retries == 0
+    for _ in range(5):
+        tr.ready.popleft()
+    tr.consumed(61.0)                                    # 5 < 15 // 2
+    assert tr.actions() == [Credit(rid=1, credit=1)]
+    assert tr.deadline() == 63.0
+    tr.tick(62.9)
+    assert tr.actions() == [] and tr.retries == 0
+    tr.tick(63.0)                                        # the node owes us a chunk now
+    assert tr.retries == 1 and tr.actions() == [Cancel(rid=1)]
+
+
 def test_live_batches_are_dropped_while_ready_is_full_then_replayed() -> None:
     tr = tracker(ready_limit=5)
     batch(tr, 1, 5)
