@@ -925,6 +925,12 @@ class Plant:
             msgs = env.decode_records(ev.records)
             for s in self._subs:
                 s.tracker.on_chunk(ev.rid, ev.start_seq, ev.next_seq, ev.last_seq, ev.done, msgs, now)
+            # Pipelining: the credit this chunk earned goes out now, not at the end of
+            # the turn (after every queued chunk is decoded), so the node cuts the next
+            # chunk while we decode; and the application starts on this one at once.
+            self._send_tracker_actions()
+            with self._cond:
+                self._cond.notify_all()
         elif t is Welcome:
             self._on_welcome(ev, now)
         elif t is Error:
