@@ -246,6 +246,20 @@ class Subscription:
         return self
 
     def __next__(self) -> Message:
+        if self._cp is None:
+            # fast path (no checkpoint to advance between messages): what get() does
+            # when a message is ready, without its call and its checks
+            tr = self.tracker
+            try:
+                m = tr.ready.popleft()
+            except IndexError:
+                pass
+            else:
+                if tr._owed and len(tr.ready) < tr.ready_limit // 2:
+                    self._plant._wake()
+                self._last = m.seq
+                self.delivered += 1
+                return m
         m = self.get()
         if m is None:
             raise StopIteration
@@ -284,6 +298,37 @@ class Subscription:
             self._last = m.seq
             self.delivered += 1
             return m
+
+    def get_many(self, max_count: int = 4096, timeout: float | None = None) -> list[Message]:
+        """Up to ``max_count`` messages in seq order: every one that is ready, after
+        waiting (like :meth:`get`) for the first. ``[]`` when the subscription is
+        finished or closed. Raises :class:`OrbcastTimeout` if ``timeout`` passes
+        with no message. With ``auto_ack`` the whole list counts as processed when
+        ``get``/``get_many`` is called again (or at :meth:`close`).
+
+        For consumers that handle messages in bulk: one call per chunk instead of
+        one per message. ``max_count`` must be at least 1 (``ValueError``)."""
+        if type(max_count) is not int or max_count < 1:
+            raise ValueError(f"max_count must be an int >= 1, got {max_count!r}")
+        m = self.get(timeout)
+        if m is None:
+            return []
+        tr = self.tracker
+        ready = tr.ready
+        out = [m]
+        # only this consumer pops: at least len(ready) messages are there to take
+        k = min(max_count - 1, len(ready))
+        try:
+            out.extend(map(deque.popleft, itertools.repeat(ready, k)))
+        except IndexError:                    # another thread consumes this subscription too
+            pass
+        n = len(out)
+        if n > 1:
+            self._last = out[-1].seq
+            self.delivered += n - 1
+            if tr._owed and len(ready) < tr.ready_limit // 2:
+                self._plant._wake()
+        return out
 
     def ack(self, seq: int | None = None) -> None:
         """Mark everything up to ``seq`` (default: the last message returned)

@@ -60,3 +60,51 @@ def test_a_replay_paused_by_a_full_queue_resumes_without_a_retry(tmp_path: Path,
         assert sub.get(timeout=10) is None    # a bounded replay ends by itself
         assert tr.stats()["replay_retries"] == 0, tr.stats()
         assert tr.replays == 1
+
+
+def test_get_many_and_the_iterator_deliver_a_replay_in_order_once(tmp_path: Path, filled_node) -> None:
+    """Bulk reads, single reads and iteration mixed on one subscription: every seq
+    once, in order, lists never longer than asked, and the position follows."""
+    with Plant(sequencers=[filled_node.ingress], producer_id="many", data=str(tmp_path / "p"),
+               outbox=False) as p:
+        sub = p.replay(1, N)
+        with pytest.raises(ValueError):
+            sub.get_many(0)
+        got: list[int] = []
+        it = iter(sub)
+        while True:
+            batch = sub.get_many(1000, timeout=10)
+            if not batch:
+                break
+            assert len(batch) <= 1000
+            got.extend(m.seq for m in batch)
+            assert sub.position == got[-1]
+            m = sub.get(timeout=10)
+            if m is not None:
+                got.append(m.seq)
+            m2 = next(it, None)
+            if m2 is not None:
+                got.append(m2.seq)
+        assert got == list(range(1, N + 1))
+        assert sub.delivered == N and sub.position == N
+        assert sub.get_many(10, timeout=10) == []        # finished: stays empty
+
+
+def test_get_many_with_a_checkpoint_saves_the_position(tmp_path: Path, filled_node) -> None:
+    """With auto_ack, a list counts as processed at the next call: after reading to
+    the end and closing, the checkpoint names the last seq; a new subscription on
+    the same checkpoint starts right after it."""
+    data = str(tmp_path / "p")
+    with Plant(sequencers=[filled_node.ingress], producer_id="cp", data=data, outbox=False) as p:
+        sub = p.subscribe(start=1, checkpoint="bulk", to_seq=5000)
+        n = 0
+        while batch := sub.get_many(777, timeout=10):
+            assert batch[0].seq == n + 1
+            n = batch[-1].seq
+        assert n == 5000
+        sub.close()
+    with Plant(sequencers=[filled_node.ingress], producer_id="cp", data=data, outbox=False) as p:
+        sub = p.subscribe(start=1, checkpoint="bulk", to_seq=5100)
+        m = sub.get(timeout=10)
+        assert m is not None and m.seq == 5001
+        sub.close()
