@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from orbcast.envelope import MAX_SEQ, Cancel, Credit, Message, ReplayRequest
+from orbcast.errors import RemoteProtocolError
 
 __all__ = ["Tracker", "Start"]
 
@@ -164,9 +165,18 @@ class Tracker:
 
     def on_chunk(self, rid: int, start_seq: int, next_seq: int, last_seq: int, done: bool,
                  msgs: list[Message], now: float) -> None:
-        """A replay chunk for request ``rid`` (ignored if stale)."""
+        """A replay chunk for request ``rid`` (ignored if stale).
+
+        ``msgs`` must be in increasing seq order (as :func:`~orbcast.envelope.decode_records`
+        guarantees) and lie in ``start_seq .. next_seq - 1``; a chunk that breaks that
+        would deliver seqs twice or skip some, so it raises
+        :class:`~orbcast.errors.RemoteProtocolError` and changes nothing (the replay
+        then times out and is asked again)."""
         if rid != self._rid:
             return
+        if next_seq < start_seq or (msgs and (msgs[0].seq < start_seq or msgs[-1].seq >= next_seq)):
+            raise RemoteProtocolError(
+                f"replay chunk {start_seq}..{next_seq - 1} holds records outside that range")
         if last_seq > self.known_tail:
             self.known_tail = last_seq
         resolving = self.next_seq is None

@@ -7,15 +7,18 @@ its tracker. Waiting is on conditions with deadlines, never a bare sleep.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
 import pytest
+import zmq
 
+from orbcast import envelope as env
 from orbcast.envelope import cbor_text, encode_record
 from plant.client import Plant
 from sequencer.log import LogStore
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,3 +111,55 @@ def test_get_many_with_a_checkpoint_saves_the_position(tmp_path: Path, filled_no
         m = sub.get(timeout=10)
         assert m is not None and m.seq == 5001
         sub.close()
+
+
+def test_a_chunk_with_records_outside_its_range_is_counted_and_not_delivered(tmp_path: Path) -> None:
+    """A fake node on a real ROUTER socket answers a replay with a chunk that says
+    1..2 but holds 1..3 (the 3 would come again in the next chunk): the plant
+    counts a bad frame and delivers nothing; the honest chunk is then delivered."""
+    ctx = zmq.Context()
+    node = ctx.socket(zmq.ROUTER)
+    node.setsockopt(zmq.LINGER, 0)
+    ingress = f"tcp://127.0.0.1:{free_port()}"
+    node.bind(ingress)
+    recs = [encode_record(s, 1, 1000 + s, "p", s, "t/x", bytes([s])) for s in (1, 2, 3)]
+
+    def serve_until(kind: type) -> tuple[bytes, object]:
+        """Answer HELLOs and PINGs until a message of ``kind`` arrives."""
+        while True:
+            assert node.poll(5000), f"the plant sent no {kind.__name__}"
+            route, *frames = node.recv_multipart()
+            ev = env.decode(frames)
+            if isinstance(ev, env.Hello):
+                node.send_multipart([route, *env.encode(env.Welcome(
+                    rid=ev.rid, node="n", role="active", epoch=1, first_seq=1, last_seq=3,
+                    egress=f"tcp://127.0.0.1:{free_port()}"))])
+            if isinstance(ev, env.Ping):
+                node.send_multipart([route, *env.encode(env.Pong(rid=ev.rid, epoch=1, last_seq=3,
+                                                                 role="active"))])
+            if isinstance(ev, kind):
+                return route, ev
+
+    try:
+        with Plant(sequencers=[ingress], producer_id="bad", data=str(tmp_path / "p"), outbox=False,
+                   request_timeout_ms=60_000) as p:
+            fut: list = []
+            t = threading.Thread(target=lambda: fut.append(p.replay(1, 3)))
+            t.start()
+            route, rq = serve_until(env.ReplayRequest)
+            t.join(10)
+            sub = fut[0]
+            assert rq.from_seq == 1 and rq.to_seq == 3
+            node.send_multipart([route, *env.chunk_frames(rq.rid, 1, 1, 3, 3, False, recs)])
+            # a PING round trip proves the chunk was handled before we look
+            ping = p._request(env.Ping(rid=0), 5)
+            serve_until(env.Ping)
+            ping.result()
+            assert p.counters["bad_frames"] == 1
+            assert list(sub.tracker.ready) == [] and sub.tracker.next_seq == 1
+            node.send_multipart([route, *env.chunk_frames(rq.rid, 1, 1, 4, 3, True, recs)])
+            assert [m.seq for m in sub.get_many(10, timeout=10)] == [1, 2, 3]
+            assert sub.get_many(10, timeout=10) == []
+    finally:
+        node.close(0)
+        ctx.term()

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from orbcast.envelope import Cancel, Credit, Message, ReplayRequest
+from orbcast.errors import RemoteProtocolError
 from plant.tracker import MAX_RETRY_BACKOFF_S, Start, Tracker
 
 
@@ -251,6 +252,28 @@ def test_a_lost_chunk_restarts_the_replay() -> None:
     assert tr.actions() == [Cancel(rid=1)]
     tr.tick(1.5 + 2.0)
     assert tr.actions() == [req(2, 5, 19)]
+
+
+@pytest.mark.parametrize("start,nxt,records", [
+    (1, 5, msgs(1, 5)),          # a record at next_seq: it would come again in the next chunk
+    (3, 6, msgs(2, 5)),          # a record before start_seq
+    (1, 5, msgs(1, 3) + msgs(7, 7)),
+    (5, 4, []),                  # the cursor would move backwards
+])
+def test_a_chunk_with_records_outside_its_range_is_rejected_and_changes_nothing(
+        start: int, nxt: int, records: list[Message]) -> None:
+    tr = tracker(start=Start.at_seq(1))
+    tr.on_heartbeat(9, 0.0)
+    assert tr.actions() == [req(1, 1, None)]
+    chunk(tr, 1, 1, 3)
+    before = (seqs(tr), tr.next_seq, tr.stats(), tr.deadline(), tr._outstanding)
+    tr.actions()
+    with pytest.raises(RemoteProtocolError):
+        tr.on_chunk(1, start, nxt, 9, False, records, 0.5)
+    assert (seqs(tr), tr.next_seq, tr.stats(), tr.deadline(), tr._outstanding) == before
+    assert tr.actions() == []
+    chunk(tr, 1, 3, 10, done=True, now=0.6)              # the honest chunk still works
+    assert seqs(tr) == list(range(1, 10))
 
 
 # --- flow control -------------------------------------------------------------------------
