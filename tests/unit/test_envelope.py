@@ -880,3 +880,21 @@ def test_decode_records_refuses_a_bad_record_after_a_good_one(value: object) -> 
     assert reference_decode_records(body) is None
     with pytest.raises(RemoteProtocolError):
         decode_records(body)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_decode_records_leaves_the_gc_as_it_found_it(enabled: bool) -> None:
+    """decode_records pauses the cyclic GC for its own call only: enabled or
+    disabled before, the same after, on success and on rejection."""
+    import gc
+    good = array_head(2) + REC3 + REC4
+    was = gc.isenabled()
+    try:
+        (gc.enable if enabled else gc.disable)()
+        assert decode_records(good) == [MSG3, MSG4]
+        assert gc.isenabled() is enabled
+        with pytest.raises(RemoteProtocolError):
+            decode_records(good[:-1])
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
