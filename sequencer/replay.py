@@ -15,11 +15,14 @@ This module does no socket I/O and reads no clock: the driver passes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Protocol
 
 from orbcast.envelope import Error, ReplayRequest, chunk_frames, encode, record_topic
 
 __all__ = ["ReplayManager", "LogReader"]
+
+_BODY = itemgetter(2)   # the body of a (seq, time_ns, body) log record
 
 
 class LogReader(Protocol):
@@ -142,15 +145,26 @@ class ReplayManager:
             nxt = start
             topic = s.topic
             until = s.until
-            for seq, t, body in recs:
-                if seq > limit:
-                    break
-                if until is not None and t >= until:
-                    done = True
-                    break
-                nxt = seq + 1
-                if not topic or record_topic(body).startswith(topic):
-                    bodies.append(body)
+            if not topic and until is None:
+                # no per-record filter (the common case): read() returns consecutive
+                # seqs, so only a tail can lie past the limit (when retention moved
+                # the log's start past ours); take the bodies in one C-level pass
+                take = recs
+                if take and take[-1][0] > limit:
+                    take = [r for r in take if r[0] <= limit]
+                if take:
+                    nxt = take[-1][0] + 1
+                    bodies = list(map(_BODY, take))
+            else:
+                for seq, t, body in recs:
+                    if seq > limit:
+                        break
+                    if until is not None and t >= until:
+                        done = True
+                        break
+                    nxt = seq + 1
+                    if not topic or record_topic(body).startswith(topic):
+                        bodies.append(body)
             if not recs:
                 done = True   # nothing more in the log (should not happen below durable_seq)
             s.next_seq = nxt

@@ -230,6 +230,20 @@ def test_gone_when_the_start_was_removed_by_retention() -> None:
     assert [c.start_seq for _r, c, _ in chunks(out)] == [5, 5]
 
 
+def test_retention_during_a_replay_never_serves_past_the_limit() -> None:
+    """Retention moves the log's start past the session's cursor: read() then returns
+    later seqs than asked, and those past to_seq must not be sent."""
+    log = log_of(10)
+    m = mgr()
+    assert m.open(b"r", ReplayRequest(rid=1, from_seq=1, to_seq=4, credit=4), log, now=0.0) is None
+    log.first_seq = 3                                    # 1 and 2 removed meanwhile
+    assert spans(m.pump(log, durable_seq=10, epoch=1, now=0.0, budget=4)) == [(1, 5, True, [3, 4])]
+    m = mgr()
+    assert m.open(b"r", ReplayRequest(rid=2, from_seq=1, to_seq=2, credit=4), log_of(10), now=0.0) is None
+    log.first_seq = 6                                    # everything up to to_seq is gone
+    assert spans(m.pump(log, durable_seq=10, epoch=1, now=0.0, budget=1)) == [(1, 1, False, [])]
+
+
 def test_never_gone_when_the_log_starts_at_one_or_is_empty() -> None:
     m = mgr()
     assert m.open(b"r", ReplayRequest(rid=1, from_seq=1), log_of(3), now=0.0) is None
