@@ -49,15 +49,16 @@ def test_a_replay_paused_by_a_full_queue_resumes_without_a_retry(tmp_path: Path,
     """The application does not read until the plant withholds credit (its ready
     queue is full) and the node has nothing more in flight; then it reads
     everything. The withheld credit must go out as soon as the queue drains, not
-    after the request timeout and a retry."""
+    after the request timeout and a retry. (The timeout is long, so that a loaded
+    machine cannot cause a legitimate retry; the old engine never resumed at all.)"""
     with Plant(sequencers=[filled_node.ingress], producer_id="flow", data=str(tmp_path / "p"),
-               outbox=False, request_timeout_ms=1000) as p:
+               outbox=False, request_timeout_ms=10_000) as p:
         sub = p.replay(1, N)
         tr = sub.tracker
         wait_for(lambda: tr._owed > 0 and tr._outstanding <= 0, 30, "the plant to withhold credit")
         expect = 1
         while expect <= N:
-            m = sub.get(timeout=10)           # OrbcastTimeout if the replay stalls
+            m = sub.get(timeout=20)           # OrbcastTimeout if the replay stalls
             assert m is not None and m.seq == expect and m.payload == expect.to_bytes(4, "big")
             expect += 1
         assert sub.get(timeout=10) is None    # a bounded replay ends by itself
