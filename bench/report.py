@@ -115,6 +115,14 @@ def build_checks(res: dict[str, Any], big: bool) -> list[dict[str, Any]]:
         unit="MB")
     add("Button press -> plant p99 (issue 6)", _get(res, "bridge-press", "p99_ms"), None,
         kind="max", target=20, unit="ms", note=f"{_get(res, 'bridge-press', 'n')} presses")
+    # issue 5: link security
+    add("security on / off, 64 B 2+2 (issue 5)", _get(res, "sec-on", "msg_s"),
+        _get(res, "sec-off", "msg_s"), target=0.60, unit="msg/s",
+        note="interleaved rounds in the same bench")
+    add("handshake + first message p99 (issue 5)", _get(res, "sec-handshake", "p99_ms"), None,
+        kind="max", target=20, unit="ms",
+        note=f"cleartext PING on a fresh connection: p99 "
+             f"{_get(res, 'sec-handshake', 'clear_p99_ms') or 0:.2f} ms")
     add("disk outbox / memory outbox publish (issue 3)", _get(res, "outbox-disk", "publish_msg_s"),
         _get(res, "outbox-memory", "publish_msg_s"), target=0.70, unit="msg/s")
     return out

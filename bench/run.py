@@ -25,6 +25,8 @@ Benchmarks (names for ``--only``):
   bridge       issue 6: bridge-idle (CPU and peak RSS of firmware-bridge with 10 sensors
                at 1 Hz) and bridge-press (mock Button press -> consuming plant), bench/bridge.py
                (each part also runs alone: ha-tput, ha-failover, bridge-idle, bridge-press)
+  sec          issue 5: sec-tput (orb-64 with link security vs without, interleaved) and
+               sec-handshake (LINK_HELLO -> sealed PONG on a fresh connection), bench/security.py
   nofsync      (not in the default set) orb-64 and latency @ 1,000/s with the node's
                --no-fsync, labelled as such: splits fsync cost from Python cost
 
@@ -47,6 +49,7 @@ from typing import Any
 
 from . import bridge as bench_bridge_mod
 from . import ha as bench_ha_mod
+from . import security as bench_sec_mod
 from .proc import PY, BenchFailure, Proc, Procs, free_ports, proc_cpu_s, proc_status_kb, wait_quiet
 from .report import LAT_RATES, build_checks, machine_info, render_checks, render_table, source_info
 
@@ -71,7 +74,7 @@ QUICK: dict[str, Any] = {
 BIG_BYTES = 1 << 30
 
 ALL = ["pushpull", "mini-msg", "mini-batch", "mini-lat", "orb-64", "orb-1k", "orb-lat",
-       "replay", "rss", "loss", "outbox", "ha", "bridge"]
+       "replay", "rss", "loss", "outbox", "ha", "bridge", "sec"]
 
 
 class Ctx:
@@ -128,11 +131,13 @@ class Node:
         from orbcast.rpc import wait_ready
         last = ""
         for _attempt in range(3):
-            ing, eg = free_ports(2)
+            ing, eg, ctl = free_ports(3)
             self.ingress = f"tcp://127.0.0.1:{ing}"
             self.egress = f"tcp://127.0.0.1:{eg}"
+            self.control = f"tcp://127.0.0.1:{ctl}"
             argv = [PY, "-m", "sequencer", "run", "--data", str(data), "--ingress", self.ingress,
-                    "--egress", self.egress, "--node-id", name, "--log-level", "warning"]
+                    "--egress", self.egress, "--control", self.control, "--node-id", name,
+                    "--log-level", "warning"]
             if not fsync:
                 argv.append("--no-fsync")
             self.proc = ps.spawn(name, argv, env=env, stdin=False)
@@ -155,7 +160,7 @@ class Node:
         from orbcast.envelope import StatusRequest
         from orbcast.rpc import request
         try:
-            rep = request(self.ingress, StatusRequest(rid=1), timeout=5)
+            rep = request(self.control, StatusRequest(rid=1), timeout=5)
             return dict(getattr(rep, "info", {}) or {})
         except Exception as exc:   # status is informative only
             return {"error": str(exc)}
@@ -291,7 +296,7 @@ def bench_mini_lat(ctx: Ctx) -> None:
 def _orb(ctx: Ctx, name: str, *, size: int, n_per: int, producers: int = 2, consumers: int = 2,
          outbox: bool = False, env: dict[str, str] | None = None, rate: int | None = None,
          profile: bool = False, node_fsync: bool = True,
-         switch_interval: float | None = None,
+         switch_interval: float | None = None, keys: Path | None = None,
          make_node: Callable[[Procs, Path, str], Any] | None = None) -> dict[str, Any]:
     """``make_node(ps, dir, name)`` replaces the single :class:`Node` (bench.ha
     passes a primary/standby pair; its ``sequencers`` go to every plant)."""
@@ -309,7 +314,7 @@ def _orb(ctx: Ctx, name: str, *, size: int, n_per: int, producers: int = 2, cons
                           {"ingress": node.ingress, "sequencers": seqs,
                            "data": pdata, "idx": i, "n_total": total,
                            "n_per": n_per, "latency": bool(rate), "warmup": warm, "idle_s": 30,
-                           "switch_interval": switch_interval})
+                           "switch_interval": switch_interval, "keys": keys and str(keys)})
                 for i in range(consumers)]
         for c in cons:
             c.expect("READY", 30)
@@ -317,7 +322,8 @@ def _orb(ctx: Ctx, name: str, *, size: int, n_per: int, producers: int = 2, cons
         prods = [ps.worker(f"{name}-p{i}", "orb_prod",
                            {"ingress": node.ingress, "sequencers": seqs, "data": pdata,
                             "idx": i, "n": n_per, "size": size, "outbox": outbox, "rate": rate,
-                            "timeout": to, "switch_interval": switch_interval})
+                            "timeout": to, "switch_interval": switch_interval,
+                            "keys": keys and str(keys)})
                  for i in range(producers)]
         for p in prods:
             p.expect("READY", 30)
@@ -614,6 +620,8 @@ BENCHES: dict[str, Callable[[Ctx], None]] = {
     "ha-failover": bench_ha_mod.bench_ha_failover,
     "bridge": bench_bridge_mod.bench_bridge, "bridge-idle": bench_bridge_mod.bench_bridge_idle,
     "bridge-press": bench_bridge_mod.bench_bridge_press,
+    "sec": bench_sec_mod.bench_sec, "sec-tput": bench_sec_mod.bench_sec_tput,
+    "sec-handshake": bench_sec_mod.bench_sec_handshake,
 }
 
 

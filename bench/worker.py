@@ -434,6 +434,8 @@ def _plant(a: dict[str, Any], pid: str, outbox: bool = False) -> Any:
     kw: dict[str, Any] = {}
     if a.get("request_timeout_ms"):
         kw["request_timeout_ms"] = a["request_timeout_ms"]
+    if a.get("keys"):           # link security on (bench.security made the keys)
+        kw.update(security="ratchet", identity=f"{a['keys']}/{pid}.key", pins=f"{a['keys']}/pins.toml")
     return Plant(sequencers=list(a.get("sequencers") or [a["ingress"]]), producer_id=pid,
                  data=a["data"], outbox=outbox, on_full="block", **kw)
 

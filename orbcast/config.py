@@ -111,6 +111,17 @@ class SequencerConfig:
     egress_hwm: int = 10_000
     #: "none" (loopback only) or "ratchet" (link security; see docs/security.md).
     security: str = "none"
+    #: With security = "ratchet": this node's identity key file (``plant keys
+    #: generate --out DIR --name node`` writes one) and the allowlist of plant keys.
+    identity: str = ""
+    allowlist: str = ""
+    #: With security = "ratchet" and a peer: the other node's public key
+    #: (``orbcast1:...``); the peer link then runs over CURVE with both identities.
+    peer_key: str = ""
+    #: Loopback endpoint for operator commands (status, promote, demote,
+    #: reload) in cleartext. Empty: none. With link security on, ingress takes
+    #: only sealed requests, so ``sequencer status`` and friends use this.
+    control: str = ""
     #: Fault injection for tests: fraction of egress batches dropped on purpose.
     fault_drop_egress: float = 0.0
 
@@ -148,11 +159,29 @@ class SequencerConfig:
         if not (type(self.replay_idle_s) in (int, float) and 0 < self.replay_idle_s < math.inf):
             raise ConfigError("replay_idle_s must be a positive finite number of seconds",
                               field="sequencer.replay_idle_s")
-        if self.security != "none":
-            # link security (issue 5) is not wired into the transport yet: refuse
-            # rather than serve cleartext on a public address
-            raise ConfigError("only security = \"none\" (loopback) is implemented so far",
+        if self.security not in ("none", "ratchet"):
+            raise ConfigError(f"security must be \"none\" or \"ratchet\", not {self.security!r}",
                               field="sequencer.security")
+        if self.control:
+            _check_endpoint(self, "control")
+            if not is_loopback_endpoint(self.control):
+                raise ConfigError(f"control endpoint {self.control} must be on loopback: it takes "
+                                  "operator commands in cleartext", field="sequencer.control")
+        if self.security == "ratchet":
+            for name in ("identity", "allowlist"):
+                if not getattr(self, name):
+                    raise ConfigError(f"security = \"ratchet\" needs sequencer.{name} (a file path)",
+                                      field=f"sequencer.{name}")
+            if self.peer_connect and not self.peer_key:
+                raise ConfigError("security = \"ratchet\" with a peer needs sequencer.peer_key (the "
+                                  "other node's public key): the peer link is authenticated with it",
+                                  field="sequencer.peer_key")
+            if self.peer_key:
+                from .keys import parse_public
+                try:
+                    parse_public(self.peer_key)
+                except ValueError as exc:
+                    raise ConfigError(f"peer_key: {exc}", field="sequencer.peer_key") from None
         if self.security == "none":
             for name in ("ingress", "egress") + (("peer",) if self.peer_connect else ()):
                 if not is_loopback_endpoint(getattr(self, name)):
@@ -208,6 +237,12 @@ class PlantConfig:
     replay_credit: int = 4
     #: Records per replay chunk requested.
     replay_chunk_records: int = 4096
+    #: "none" or "ratchet" (link security; must match the nodes). With
+    #: "ratchet": this plant's identity key file and the pins file holding
+    #: the nodes' public keys (docs/security.md).
+    security: str = "none"
+    identity: str = ""
+    pins: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.sequencers, str):
@@ -230,6 +265,14 @@ class PlantConfig:
         _check_range(self, "gap_buffer", 1, 10_000_000)
         _check_range(self, "replay_credit", 1, 64)
         _check_range(self, "replay_chunk_records", 1, 16384)
+        if self.security not in ("none", "ratchet"):
+            raise ConfigError(f"security must be \"none\" or \"ratchet\", not {self.security!r}",
+                              field="plant.security")
+        if self.security == "ratchet":
+            for name in ("identity", "pins"):
+                if not getattr(self, name):
+                    raise ConfigError(f"security = \"ratchet\" needs plant.{name} (a file path)",
+                                      field=f"plant.{name}")
 
 
 def _section(cls: type) -> str:

@@ -336,8 +336,12 @@ class AllowEntry:
 
     @property
     def gets_broadcast_key(self) -> bool:
-        """True if the node hands this plant the egress sender key (it may read something)."""
-        return bool(self.read)
+        """True if the node hands this plant the egress sender key: only to plants
+        that may read *every* topic (``""`` among ``read``). The live broadcast is one
+        stream under one group key, so a key would open every topic; a plant with
+        narrower ``read`` prefixes follows the live stream over its own pairwise link
+        instead (PING for the tail, replay filtered by its prefixes)."""
+        return "" in self.read
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -228,8 +228,14 @@ def outer_kind(frames: Sequence[bytes]) -> int:
 
 def inner_kind(frames: Sequence[bytes]) -> int:
     """The kind of an opened (inner) message: route KEY_REQUEST / SENDER_KEY, decode the rest
-    with :func:`orbcast.envelope.decode`. Raises AuthenticationError on a malformed head."""
-    return outer_kind(frames)
+    with :func:`orbcast.envelope.decode`, which validates the rest of the head (inner heads
+    may carry more than unsigned integers, e.g. a REPLAY_CHUNK's ``done`` flag). Raises
+    AuthenticationError if the head is not a CBOR array starting ``[1, kind]``."""
+    head, _ = _two(frames)
+    h = _loads(head)
+    if type(h) is not list or len(h) < 2 or h[0] != VERSION or not _uint(h[1]):
+        raise _reject("inner head is not [1, kind, ...]")
+    return int(h[1])
 
 
 def _pack_inner(head: bytes, body: bytes) -> bytes:
@@ -536,10 +542,7 @@ class LinkServer(_Persisting):
         self._sessions[sid] = ns
         sids = self._by_key.setdefault(entry.key, [])
         sids.append(sid)
-        while len(sids) > MAX_SESSIONS_PER_KEY:
-            self.drop(sids[0])
-        while len(self._sessions) > MAX_SESSIONS:
-            self.drop(next(iter(self._sessions)))
+        self._trim(sids)
         return ns, inner
 
     def _decrypt(self, ns: _NodeSession, frame: bytes) -> list[bytes]:
@@ -551,6 +554,16 @@ class LinkServer(_Persisting):
             ns.session = Session.from_bytes(snapshot, keygen=self._keygen)
             raise _reject("authentic frame with a malformed inner message")
         return inner
+
+    def _trim(self, sids: list[int]) -> None:
+        """Enforce the session bounds, evicting the least recently *used* session (of
+        this key first): a plant's busy session outlives one-shot sessions that a CLI
+        on the same Pi opens with the same key (``plant status``)."""
+        while len(sids) > MAX_SESSIONS_PER_KEY:
+            mine = set(sids)
+            self.drop(next(s for s in self._sessions if s in mine))
+        while len(self._sessions) > MAX_SESSIONS:
+            self.drop(next(iter(self._sessions)))
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -657,10 +670,7 @@ class LinkServer(_Persisting):
         self._sessions[sid] = _NodeSession(m["peer"], m["name"], session)
         sids = self._by_key.setdefault(m["peer"], [])
         sids.append(sid)
-        while len(sids) > MAX_SESSIONS_PER_KEY:
-            self.drop(sids[0])
-        while len(self._sessions) > MAX_SESSIONS:
-            self.drop(next(iter(self._sessions)))
+        self._trim(sids)
         return Peer(sid=sid, key=m["peer"], name=m["name"])
 
     def export_state(self) -> dict[str, Any]:

@@ -4,6 +4,12 @@
 waits for the reply with the same ``rid``; it never blocks past its timeout.
 The long-lived, reliable client is :class:`plant.Plant`; this is for one-off
 questions such as ``status`` or "is the node up yet".
+
+With link security, pass a :class:`~orbcast.link.LinkClient` (see
+:func:`one_shot_link`): the request runs over a fresh session of its own
+(LINK_HELLO, handshake, one sealed request, one sealed reply). Such a
+session is used for one request and never resumed, so its state is not
+persisted: no frame can ever be sealed twice under the same key.
 """
 
 from __future__ import annotations
@@ -14,34 +20,73 @@ from typing import Any
 import zmq
 
 from . import envelope as env
-from .errors import OrbcastTimeout, RemoteProtocolError
+from .errors import AuthenticationError, OrbcastTimeout, RemoteProtocolError
 
-__all__ = ["request", "wait_ready"]
+__all__ = ["request", "wait_ready", "one_shot_link"]
+
+
+def one_shot_link(cfg: Any) -> Any:
+    """A :class:`~orbcast.link.LinkClient` for one request of a command-line
+    tool, from a :class:`~orbcast.config.PlantConfig` (None if its security
+    is off). Its session is never resumed, so it is not persisted."""
+    if getattr(cfg, "security", "none") != "ratchet":
+        return None
+    from .keys import load_identity, load_pins
+    from .link import LinkClient
+    return LinkClient(load_identity(cfg.identity), cfg.producer_id, load_pins(cfg.pins),
+                      persist=lambda _name, _blob: None)
 
 
 def request(endpoint: str, ev: Any, *, timeout: float = 5.0,
-            ctx: zmq.Context | None = None) -> Any:
+            ctx: zmq.Context | None = None, link: Any = None) -> Any:
     """Send ``ev`` to ``endpoint`` and return the decoded reply.
 
     Raises :class:`OrbcastTimeout` if nothing arrives in ``timeout`` seconds,
-    :class:`RemoteProtocolError` if the reply is malformed; an ``Error`` reply
-    is returned as is (the caller decides).
+    :class:`RemoteProtocolError` if the reply is malformed (with ``link``:
+    :class:`AuthenticationError` if the node is not pinned or refuses us);
+    an ``Error`` reply is returned as is (the caller decides).
     """
     own = ctx is None
     ctx = ctx or zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    deadline = time.monotonic() + timeout
+
+    def recv() -> list[bytes]:
+        left = deadline - time.monotonic()
+        if left <= 0 or not s.poll(left * 1000):
+            raise OrbcastTimeout(f"no answer from {endpoint} within {timeout:g} s")
+        return s.recv_multipart()
+
     try:
         s.connect(endpoint)
-        s.send_multipart(env.encode(ev))
-        deadline = time.monotonic() + timeout
+        if link is None:
+            s.send_multipart(env.encode(ev))
+        else:
+            from .link import LINK_KEYS, SENDER_KEY, inner_kind, outer_kind
+            link.reset()
+            s.send_multipart(link.hello(0))
+            while True:
+                frames = recv()
+                kind = outer_kind(frames)
+                if kind == LINK_KEYS:
+                    link.on_keys(frames)
+                    break
+                if kind == env.Kind.ERROR:
+                    raise AuthenticationError(f"{endpoint} refused the link: {env.decode(frames)}")
+            s.send_multipart(link.seal(env.encode(ev)))
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not s.poll(left * 1000):
-                raise OrbcastTimeout(f"no answer from {endpoint} within {timeout:g} s")
-            rep = env.decode(s.recv_multipart())
-            if getattr(rep, "rid", None) == ev.rid:
-                return rep
+            frames = recv()
+            if link is not None:
+                if outer_kind(frames) == env.Kind.ERROR:
+                    err = env.decode(frames)
+                    raise AuthenticationError(f"{endpoint} refused the request: {err.message}")
+                _node, frames = link.open(frames)
+                if inner_kind(frames) == SENDER_KEY:
+                    continue
+            rep = env.decode(frames)
+            if getattr(rep, "rid", None) == ev.rid or (isinstance(rep, env.Error) and rep.rid == 0):
+                return rep             # rid 0: the node could not read our request at all
     finally:
         s.close(0)
         if own:

@@ -26,8 +26,8 @@ from typing import IO, Any, Sequence
 from orbcast import config as cfgmod
 from orbcast.cliutil import run_main, setup_logging
 from orbcast.envelope import Error, Message, StatusRequest
-from orbcast.errors import OrbcastTimeout
-from orbcast.rpc import request
+from orbcast.errors import OrbcastTimeout, RemoteProtocolError
+from orbcast.rpc import one_shot_link, request
 
 from .client import Plant, Subscription, parse_start, parse_time
 
@@ -327,9 +327,9 @@ def _status(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
     info: dict[str, Any] = {}
     for ep in cfg.sequencers:
         try:
-            rep = request(ep, StatusRequest(rid=1), timeout=a.timeout)
+            rep = request(ep, StatusRequest(rid=1), timeout=a.timeout, link=one_shot_link(cfg))
             info[ep] = rep.info if not isinstance(rep, Error) else {"error": rep.message}
-        except OrbcastTimeout as exc:
+        except (OrbcastTimeout, RemoteProtocolError) as exc:
             info[ep] = {"error": str(exc)}
     local: dict[str, Any] = {"producer_id": cfg.producer_id}
     data = Path(cfg.data)

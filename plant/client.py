@@ -36,8 +36,10 @@ from orbcast import envelope as env
 from orbcast.config import PlantConfig
 from orbcast.envelope import (Ack, Batch, Error, Heartbeat, Message, Ping, Pong,
                               ReplayChunk, StatusReply, StatusRequest, Welcome, Hello)
-from orbcast.errors import (ClosedError, LocalProtocolError, OrbcastTimeout, OutboxFull,
-                            RemoteProtocolError, ReplayRejected)
+from orbcast.errors import (AuthenticationError, ClosedError, LocalProtocolError, OrbcastTimeout,
+                            OutboxFull, RemoteProtocolError, ReplayRejected)
+from orbcast.link import (LINK_KEYS, SEALED_BATCH, SEALED_DOWN, SEALED_HEARTBEAT, SENDER_KEY,
+                          BroadcastReceiver, LinkClient, inner_kind, outer_kind)
 
 from .checkpoint import Checkpointer, CheckpointStore
 from .outbox import Outbox
@@ -424,12 +426,50 @@ class Plant:
         self._unsent_hello: Hello | None = None
         self.counters = {"published": 0, "acked": 0, "resent": 0, "rejected": 0,
                          "bad_frames": 0, "batches": 0, "heartbeats": 0}
+        # link security (docs/security.md): one ratchet session with the node we
+        # talk to, the broadcast keys of the active node
+        self._link: LinkClient | None = None
+        self._bcast: BroadcastReceiver | None = None
+        self._txq: list[list[bytes]] = []      # sealed frames, sent once the session state is durable
+        self._link_hello_at = 0.0
+        self._link_backoff = cfg.request_timeout_ms / 1000
+        self._ping_at = 0.0
+        self._persist_at = 0.0
+        self._auth_log_at = 0.0
+        if cfg.security == "ratchet":
+            self._setup_link(cfg)
         self._ctx = zmq.Context()
         self._engine = threading.Thread(target=self._run, name="orbcast-plant", daemon=True)
         self._ready = threading.Event()
         self._engine_error: BaseException | None = None
         self._engine.start()
         self._ready.wait(10)
+
+    def _setup_link(self, cfg: PlantConfig) -> None:
+        """Load the identity and pins (errors surface here, in the caller's
+        thread) and restore a saved session."""
+        from orbcast.keys import load_identity, load_pins
+        from orbcast.linkstore import SessionStore
+        identity = load_identity(cfg.identity)
+        pins = load_pins(cfg.pins)
+        self._store = SessionStore(self._data / "links" / cfg.producer_id, fsync=cfg.fsync)
+        self._link = LinkClient(identity, cfg.producer_id, pins, persist=self._store.put,
+                                defer_persist=True)
+        self._bcast = BroadcastReceiver()
+        for n in ("sealed_sent", "auth_failed", "relinks", "sender_keys", "undecryptable",
+                  "key_requests", "cleartext_ignored"):
+            self.counters[n] = 0
+        restored = False
+        for name, blob in self._store.load().items():
+            if not restored:
+                try:
+                    self._link.restore(blob)
+                    restored = True
+                    continue
+                except AuthenticationError as exc:
+                    log.info("not resuming saved link session %s: %s", name, exc)
+            self._store.put(name, None)
+        self._store.commit()
 
     # --- public API ------------------------------------------------------------
 
@@ -694,6 +734,12 @@ class Plant:
             pass
         self._ctx.term()
         self._out_box.close()
+        if self._link is not None:
+            try:
+                self._link.flush_persist()
+                self._store.close()
+            except Exception:
+                log.exception("could not save the link session")
 
     def _loop(self) -> None:
         poll = self._poller.poll
@@ -717,6 +763,8 @@ class Plant:
             self._timers(now)
             self._send_publishes(now)
             self._send_tracker_actions()
+            if self._link is not None:
+                self._flush_tx()
             if any(s.tracker.ready for s in self._subs):
                 with self._cond:
                     self._cond.notify_all()
@@ -725,9 +773,12 @@ class Plant:
         d = now + ENGINE_TICK_S
         if self._unsent_actions or self._unsent_hello is not None:
             d = now + 0.005                   # waiting for a new connection to come up
-        if self._submit or self._cmds or (self._unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES
-                                          and now >= self._resend_at):
+        if self._submit or self._cmds:
             return now
+        if self._unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES and now >= self._resend_at:
+            if self._link is None or self._link.can_seal:
+                return now
+            d = min(d, max(now + 0.005, self._link_hello_at))   # waiting for LINK_KEYS
         for s in self._subs:
             t = s.tracker.deadline()
             if t is not None and t < d:
@@ -759,13 +810,88 @@ class Plant:
                 self._requests[rid] = (fut, deadline, ev, self._send(ev))
 
     def _send(self, ev: Any) -> bool:
-        if self._dealer is None:
+        return self._tx(env.encode(ev))
+
+    def _tx(self, frames: list[bytes]) -> bool:
+        """Send one request ``[head, body]``; False if it cannot go now (no
+        connection yet, or with link security no session keys yet).
+
+        With link security the frames are sealed here (a retry is sealed
+        anew, never resent as is) and queued until :meth:`_flush_tx` has
+        made the advanced session state durable."""
+        d = self._dealer
+        if d is None:
             return False
+        link = self._link
+        if link is None:
+            try:
+                d.send_multipart(frames, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                return False
+        if not link.can_seal:
+            self._link_hello(time.monotonic())
+            return False
+        if not d.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            return False                  # not connected (IMMEDIATE) or at the high-water mark
+        self._txq.append(link.seal(frames))
+        return True
+
+    def _flush_tx(self, *, force: bool = False) -> None:
+        """Persist the link session (one fsync), then send what was sealed.
+
+        State advanced only by *received* frames is saved with the next send
+        (or by the engine's timer, or at close): nothing left the process
+        under it, so no key can be used twice after a crash, and an engine
+        turn that only took acks costs no fsync."""
+        link = self._link
+        assert link is not None
+        if not self._txq and not force:
+            return
+        if link.flush_persist() or self._store.dirty:
+            self._store.commit()
+        if not self._txq:
+            return
+        d = self._dealer
+        for frames in self._txq:
+            try:
+                d.send_multipart(frames, zmq.NOBLOCK)  # type: ignore[union-attr]
+            except zmq.Again:
+                pass                     # lost like a dropped packet: timers resend (sealed anew)
+        self.counters["sealed_sent"] += len(self._txq)
+        self._txq.clear()
+
+    def _link_hello(self, now: float) -> None:
+        """Ask the node for its keys (cleartext LINK_HELLO), at most once per backoff."""
+        if now < self._link_hello_at or self._dealer is None or self._link is None:
+            return
         try:
-            self._dealer.send_multipart(env.encode(ev), zmq.NOBLOCK)
-            return True
+            self._dealer.send_multipart(self._link.hello(self._rid()), zmq.NOBLOCK)
+            self._link_hello_at = now + self._link_backoff
         except zmq.Again:
-            return False
+            self._link_hello_at = now + 0.02     # the connection is not up yet
+
+    def _relink(self, now: float, why: str) -> None:
+        """Drop the session and handshake again (the node lost it, refused it,
+        or we talk to another node now): what was in flight is resent under
+        the new session."""
+        link = self._link
+        assert link is not None
+        self.counters["relinks"] += 1
+        link.reset()
+        self._txq.clear()
+        if now - self._auth_log_at > 5.0:
+            self._auth_log_at = now
+            log.warning("link to %s reset (%s); handshaking again", self._current_ep, why)
+        self._unsent.extendleft(sorted((p for r in self._inflight.values() for p in r[0]), reverse=True))
+        self._inflight.clear()
+        for rid, (fut, deadline, ev, _sent) in list(self._requests.items()):
+            self._requests[rid] = (fut, deadline, ev, False)
+        self._link_hello_at = max(self._link_hello_at, now)
+        self._link_hello(now)
+        self._link_backoff = min(self._link_backoff * 2, MAX_RESEND_BACKOFF_S)
+        for s in self._subs:
+            s.tracker.restart_replay(now)
 
     def _accept_submissions(self) -> None:
         """Write queued submissions to the outbox (one fsync), then queue them to send."""
@@ -832,9 +958,11 @@ class Plant:
             rid = self._rid()
             frames = [cbor2.dumps([env.VERSION, env.Kind.PUBLISH, rid]),
                       cbor2.dumps([self.cfg.producer_id, items])]
-            try:
-                self._dealer.send_multipart(frames, zmq.NOBLOCK)  # type: ignore[union-attr]
-            except zmq.Again:       # no connection: retry after the backoff
+            if self._link is not None and not self._link.can_seal:
+                self._unsent.extendleft(reversed([i[0] for i in items]))
+                self._link_hello(now)   # no backoff: they go as soon as the keys arrive
+                return
+            if not self._tx(frames):  # no connection: retry after the backoff
                 self._unsent.extendleft(reversed([i[0] for i in items]))
                 self._resend_at = now + min(self._backoff, MAX_RESEND_BACKOFF_S)
                 self._backoff = min(self._backoff * 2, MAX_RESEND_BACKOFF_S)
@@ -887,6 +1015,28 @@ class Plant:
             # it has drained (Subscription.get wakes us for that)
             s.tracker.consumed(now)
             s.tracker.tick(now)
+        if self._bcast is not None:
+            self._bcast.expire(now)
+            if self._link is not None and self._link.pending_persist() and now >= self._persist_at:
+                self._persist_at = now + 1.0      # received-only state: saved at most once a second
+                self._flush_tx(force=True)
+            # Without the broadcast key (a plant whose read prefixes are narrower
+            # than everything, or publish-only) egress does not open. A reader then
+            # follows the stream over its link: a PING per heartbeat period gives the
+            # tail, and the trackers replay what they lack (filtered by the node to
+            # its read prefixes). A publish-only plant pings only to keep the active
+            # node's liveness for failover.
+            node = self._node
+            if (node is not None and self._bcast.key_epoch is None and self._link is not None
+                    and self._link.answered and now >= self._ping_at):
+                period = 0.0
+                if self._subs:
+                    period = max(node.heartbeat_ms, 10) / 1000
+                elif self._failover_s and now - self._active_seen > self._failover_s / 3:
+                    period = self._failover_s / 3
+                if period:
+                    self._ping_at = now + period
+                    self._send(Ping(rid=self._rid()))
 
     def _maybe_failover(self, now: float, force: bool = False) -> None:
         """No answer from the current node: try the next known one."""
@@ -912,6 +1062,11 @@ class Plant:
         self._node = None
         self._unsent_actions.clear()          # addressed to the old node's sessions
         self._connect(ep)
+        if self._link is not None:            # never reuse a session with another node
+            self._link.reset()
+            self._txq.clear()
+            self._link_hello_at = 0.0
+            self._link_backoff = self.cfg.request_timeout_ms / 1000
         self._unsent.extendleft(sorted((p for r in self._inflight.values() for p in r[0]), reverse=True))
         self._inflight.clear()
         self._backoff = self.cfg.request_timeout_ms / 1000
@@ -947,12 +1102,57 @@ class Plant:
             except zmq.Again:
                 break
             try:
-                ev = env.decode(frames)
+                if self._link is None:
+                    ev = env.decode(frames)
+                else:
+                    ev = self._open_reply(frames, now)
+                    if ev is None:
+                        continue
                 self._last_heard = now
                 self._on_reply(ev, now)
+            except AuthenticationError as exc:
+                self.counters["auth_failed"] += 1
+                if now - self._auth_log_at > 5.0:
+                    self._auth_log_at = now
+                    log.warning("dropped a frame from %s that failed authentication: %s",
+                                self._current_ep, exc)
             except RemoteProtocolError as exc:
                 self.counters["bad_frames"] += 1
                 log.warning("bad frame from the sequencer: %s", exc)
+
+    def _open_reply(self, frames: list[bytes], now: float) -> Any:
+        """Link security: take LINK_KEYS, open SEALED_DOWN (installing sender
+        keys), act on a cleartext ``auth`` ERROR; None if nothing is left to
+        handle. Raises AuthenticationError for anything that does not open."""
+        link = self._link
+        assert link is not None and self._bcast is not None
+        kind = outer_kind(frames)
+        if kind == SEALED_DOWN:
+            node_key, inner = link.open(frames)
+            if inner_kind(inner) == SENDER_KEY:
+                if self._bcast.install(node_key, inner, now=now):
+                    self.counters["sender_keys"] += 1
+                return None
+            ev = env.decode(inner)
+            self._link_backoff = self.cfg.request_timeout_ms / 1000
+            return ev
+        if kind == LINK_KEYS:
+            try:
+                link.on_keys(frames)          # refuses a node key that is not pinned
+            except AuthenticationError as exc:
+                log.error("sequencer at %s is not a pinned node: %s", self._current_ep, exc)
+                raise
+            self._link_hello_at = 0.0
+            return None
+        if kind == env.Kind.ERROR:
+            ev = env.decode(frames)
+            if ev.code == "auth":            # cleartext: only a hint that our session is gone
+                self.counters["auth_failed"] += 1
+                if link.answered or link.established:
+                    self._relink(now, ev.message)
+                return None
+        self.counters["cleartext_ignored"] += 1
+        return None
 
     def _on_reply(self, ev: Any, now: float) -> None:
         t = type(ev)
@@ -973,6 +1173,15 @@ class Plant:
                 self._cond.notify_all()
         elif t is Welcome:
             self._on_welcome(ev, now)
+        elif t is Pong:
+            if ev.role == "active" and ev.epoch >= self._max_epoch and self._link is not None:
+                self._active_seen = now        # link liveness for plants without the broadcast key
+                if self._bcast is not None and self._bcast.key_epoch is None:
+                    for s in self._subs:       # the tail, as a heartbeat would tell it
+                        s.tracker.on_heartbeat(ev.last_seq, now)
+            req = self._requests.pop(ev.rid, None)
+            if req is not None and not req[0].done():
+                req[0].set_result(ev)
         elif t is Error:
             self._on_error(ev, now)
         else:
@@ -1066,7 +1275,7 @@ class Plant:
             return
         if ev.rid in self._inflight:
             pseqs, _dl, _n = self._inflight.pop(ev.rid)
-            if ev.code in ("bad-frame", "too-large"):
+            if ev.code in ("bad-frame", "too-large", "forbidden"):
                 # the node will never take these: fail them instead of looping
                 self.counters["rejected"] += len(pseqs)
                 exc = RemoteProtocolError(f"sequencer rejected the message: {ev.message}", code=ev.code)
@@ -1092,12 +1301,29 @@ class Plant:
     def _drain_sub(self, now: float) -> None:
         sub = self._sub
         subs = self._subs
+        bcast = self._bcast
         for _ in range(10_000):
             try:
                 frames = sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             try:
+                if bcast is not None:
+                    kind = outer_kind(frames)
+                    if kind not in (SEALED_BATCH, SEALED_HEARTBEAT):
+                        self.counters["cleartext_ignored"] += 1    # e.g. a standby's heartbeat
+                        continue
+                    if kind == SEALED_BATCH and not subs:
+                        self.counters["batches"] += 1    # nobody reads them here: do not open
+                        continue
+                    try:
+                        frames = bcast.open(frames, now=now)
+                    except AuthenticationError:
+                        self.counters["undecryptable"] += 1   # a gap: replay repairs it
+                        req = bcast.key_request(frames, rid=self._rid(), now=now)
+                        if req is not None and self._tx(req):
+                            self.counters["key_requests"] += 1
+                        continue
                 ev = env.decode(frames)
                 if type(ev) is Batch:
                     self.counters["batches"] += 1

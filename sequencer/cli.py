@@ -3,8 +3,12 @@
     sequencer run --data DIR [--config FILE] [--ingress EP] [--egress EP]
     sequencer run --role primary|standby --peer EP --peer-connect EP ...   (hot standby)
     sequencer status [--sequencer EP] [--json]
-    sequencer promote|demote [--sequencer EP]
+    sequencer promote|demote|reload [--sequencer EP]
     sequencer check --data DIR
+
+With link security on, ingress takes only sealed requests: point the
+operator commands at the node's loopback control endpoint
+(``sequencer.control``, e.g. ``--sequencer tcp://127.0.0.1:7403``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--role", choices=("primary", "standby"), help="preferred role of this node")
     r.add_argument("--peer", help="ROUTER endpoint to bind for the other node (default tcp://127.0.0.1:7402)")
     r.add_argument("--peer-connect", metavar="EP", help="the other node's --peer endpoint (enables the hot standby)")
+    r.add_argument("--control", metavar="EP", help="loopback endpoint for operator commands (status, "
+                   "promote, demote, reload); needed for them when link security is on")
     r.add_argument("--no-fsync", action="store_true", help="do not fsync (benchmarks only!)")
     r.add_argument("--log-level", default="info", help="debug, info, warning, error")
     s = sub.add_parser("status", help="show a node's role, positions and counters")
@@ -43,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--timeout", type=float, default=5.0)
     for name, what in (("promote", "make a standby node active now (operator failover)"),
-                       ("demote", "make an active node step down to standby")):
+                       ("demote", "make an active node step down to standby"),
+                       ("reload", "reload the allowlist (revocations take effect now; same as SIGHUP)")):
         x = sub.add_parser(name, help=what)
         x.add_argument("--sequencer", default="tcp://127.0.0.1:7400", help="the node's ingress endpoint")
         x.add_argument("--timeout", type=float, default=5.0)
@@ -62,18 +69,18 @@ def _dispatch(a: argparse.Namespace) -> int:
         cfg = cfgmod.load(cfgmod.SequencerConfig, a.config, overrides={
             "data": a.data, "ingress": a.ingress, "egress": a.egress, "node_id": a.node_id,
             "role": a.role, "peer": a.peer, "peer_connect": a.peer_connect,
-            "fsync": False if a.no_fsync else None})
+            "control": a.control, "fsync": False if a.no_fsync else None})
         return run(cfg)
     if a.cmd == "status":
         rep = request(a.sequencer, StatusRequest(rid=1), timeout=a.timeout)
         if isinstance(rep, Error):
-            raise ValueError(f"{rep.code}: {rep.message}")
+            raise ValueError(_explain(rep))
         print_status(rep.info, as_json=a.json)
         return 0
-    if a.cmd in ("promote", "demote"):
+    if a.cmd in ("promote", "demote", "reload"):
         rep = request(a.sequencer, Admin(rid=1, command=a.cmd), timeout=a.timeout)
         if isinstance(rep, Error):
-            raise ValueError(f"{rep.code}: {rep.message}")
+            raise ValueError(_explain(rep))
         print(f"{rep.info['node']}: role {rep.info['role']}, epoch {rep.info['epoch']}")
         return 0
     if a.cmd == "check":
@@ -87,6 +94,14 @@ def _dispatch(a: argparse.Namespace) -> int:
         print(f"{len(segs)} segments, {total} records, no damage found")
         return 0
     return 2
+
+
+def _explain(rep: Error) -> str:
+    msg = f"{rep.code}: {rep.message}"
+    if rep.code in ("auth", "forbidden"):
+        msg += (" (link security is on at this endpoint: point --sequencer at the node's "
+                "control endpoint, sequencer.control, e.g. tcp://127.0.0.1:7403)")
+    return msg
 
 
 def print_status(info: dict, *, as_json: bool = False, out=sys.stdout) -> None:  # type: ignore[no-untyped-def]

@@ -30,19 +30,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import zmq
 
 from orbcast import envelope as env
 from orbcast.config import SequencerConfig
 from orbcast.envelope import (Admin, Cancel, Credit, Error, Heartbeat, Hello, Ping, Pong, Publish,
                               ReplayRequest, StatusReply, StatusRequest, Welcome)
-from orbcast.errors import DurabilityError, LogCorruptedError, RemoteProtocolError
+from orbcast.errors import AuthenticationError, DurabilityError, LogCorruptedError, RemoteProtocolError
+from orbcast.link import KEY_REQUEST, LINK_HELLO, LINK_INIT, SEALED_UP, Peer, inner_kind, outer_kind
 from orbcast.sdnotify import Notifier
 
 from . import peer as peerlink
 from .core import DedupTable, SequencerCore
 from .ha import HaCore, Input, ReplState, Role
 from .log import LogStore
+from .security import NodeSecurity, key_epoch_start
 
 __all__ = ["SequencerNode", "run"]
 
@@ -98,6 +101,15 @@ class SequencerNode:
             "replicated_records": 0, "repl_acks": 0, "peer_rejected": 0, "role_changes": 0,
             "tail_records_set_aside": 0, "max_turn_ms": 0.0,
         }
+        # link security (docs/security.md): None means security = "none"
+        self.sec: NodeSecurity | None = None
+        if cfg.security == "ratchet":
+            self.sec = NodeSecurity(cfg, self.data, self.counters)
+        self._out: list[list[bytes]] = []      # sealed ingress frames, sent after the state is durable
+        self._peer: Peer | None = None         # who sent the request being handled (sealed)
+        self._reload_requested = False
+        self._sec_gc_at = 0.0
+        self._keys_queued = False              # a SENDER_KEY waits in _out
         self.log = LogStore(self.data / "log", retention_days=cfg.retention_days, fsync=cfg.fsync)
         for p in self.log.torn_tails:
             log.warning("recovered a torn log tail; the cut bytes were kept in %s", p)
@@ -156,14 +168,22 @@ class SequencerNode:
             self.peer_in = self._ctx.socket(zmq.ROUTER)
             self.peer_in.setsockopt(zmq.LINGER, 0)
             self.peer_in.setsockopt(zmq.MAXMSGSIZE, ZMQ_MAXMSGSIZE)
-            self.peer_in.bind(cfg.peer)
             self.peer_out = self._ctx.socket(zmq.DEALER)
             self.peer_out.setsockopt(zmq.LINGER, 0)
             self.peer_out.setsockopt(zmq.IMMEDIATE, 1)
             self.peer_out.setsockopt(zmq.SNDHWM, 64)
             self.peer_out.setsockopt(zmq.RECONNECT_IVL, 50)
             self.peer_out.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+            if self.sec is not None:
+                self.sec.secure_peer(self._ctx, self.peer_in, self.peer_out)
+            self.peer_in.bind(cfg.peer)
             self.peer_out.connect(cfg.peer_connect)
+        self.control: zmq.Socket | None = None
+        if cfg.control:
+            self.control = self._ctx.socket(zmq.ROUTER)
+            self.control.setsockopt(zmq.LINGER, 0)
+            self.control.setsockopt(zmq.MAXMSGSIZE, 65536)
+            self.control.bind(cfg.control)
         self.fault_cut_peer = False
         self._repl_damage_logged = False   # log a damaged segment once, not per turn
         self._blocked_logged: str | None = None
@@ -261,6 +281,11 @@ class SequencerNode:
         epochs = self.state["epochs"]
         if not epochs or epochs[-1][0] != self.ha.epoch:
             epochs.append([self.ha.epoch, self.log.last_seq + 1])
+        if self.sec is not None:
+            # a node never continues an earlier chain (its own or the other node's)
+            ke = key_epoch_start(int(self.state.get("key_epoch", 0)), time.time())
+            self.state["key_epoch"] = ke
+            self.sec.start_broadcast(ke, now)
         self._save_state()            # the epoch is durable before anything is stamped with it
         self.core = SequencerCore(last_seq=self.log.last_seq, last_time=self.log.last_time,
                                   epoch=self.ha.epoch, dedup=self.dedup)
@@ -277,11 +302,13 @@ class SequencerNode:
         if self.core is not None and self.core.has_unwritten:
             self.core.take_unwritten()          # never written: nothing to keep
         self.core = None
+        if self.sec is not None:
+            self.sec.stop_broadcast()
         self._synced_epoch = 0
         self._synced_upto = self.log.last_seq
         for route, rid in self.replays.sessions():
-            self.ingress.send_multipart([route, *self.replays.fail(
-                route, rid, "not-active", "this node is no longer active; ask the active node")])
+            self._reply(route, self.replays.fail(
+                route, rid, "not-active", "this node is no longer active; ask the active node"))
         self._save_state()
         self.counters["role_changes"] += 1
         log.warning("node %s is now STANDBY (epoch %d seen)", self.cfg.node_id, self.ha.max_epoch)
@@ -295,6 +322,10 @@ class SequencerNode:
             self._become_passive(now)
 
     # --- the loop --------------------------------------------------------------
+
+    def request_reload(self, *_: Any) -> None:
+        """SIGHUP: reload the allowlist at the top of the next loop turn."""
+        self._reload_requested = True
 
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish its turn, commit, and return."""
@@ -315,6 +346,11 @@ class SequencerNode:
         poller.register(self.ingress, zmq.POLLIN)
         if self.peer_in is not None:
             poller.register(self.peer_in, zmq.POLLIN)
+        if self.control is not None:
+            poller.register(self.control, zmq.POLLIN)
+        zap = self.sec.zap if self.sec is not None else None
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
         hb_period = self.cfg.heartbeat_ms / 1000.0
         next_hb = time.monotonic()
         notifier = self.notifier
@@ -353,6 +389,16 @@ class SequencerNode:
                         self._release()      # acks of pure resends: nothing new to write
                 if self.replays.ready:
                     self._pump_replays()
+                if zap is not None and zap in events:
+                    self._flush_out()
+                    self.sec.handle_zap()       # type: ignore[union-attr]
+                if self.control is not None and self.control in events:
+                    self._flush_out()
+                    self._drain_control()
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload()
+                self._flush_out()
             if self.core is not None and self.core.has_unwritten:
                 self._commit()
         finally:
@@ -362,6 +408,7 @@ class SequencerNode:
         sock = self.ingress
         now_ns = time.time_ns()
         core = self.core
+        sec = self.sec
         for _ in range(self.cfg.max_drain):
             if core is not None and core.next_seq - core.durable_seq > MAX_TURN_RECORDS:
                 break                       # commit what we have; the rest waits a turn
@@ -370,13 +417,59 @@ class SequencerNode:
             except zmq.Again:
                 break
             route = frames[0]
+            self._peer = None
             try:
                 if len(frames) != 3:
                     raise RemoteProtocolError(f"expected [head, body], got {len(frames) - 1} frames")
-                ev = env.decode(frames[1:])
+                if sec is None:
+                    ev = env.decode(frames[1:])
+                else:
+                    ev = self._open(route, frames[1:])
+                    if ev is None:
+                        continue
                 self._handle(route, ev, now_ns)
             except RemoteProtocolError as exc:
                 self._reject(route, frames, exc)
+        self._peer = None
+
+    def _open(self, route: bytes, frames: list[bytes]) -> Any:
+        """Link security on: answer LINK_HELLO, open sealed requests; only a
+        PING may come in cleartext (its answer is what egress heads show anyway).
+        Returns the request to handle, or None if nothing is left to do."""
+        sec = self.sec
+        assert sec is not None
+        kind = outer_kind(frames)
+        if kind == LINK_HELLO:
+            self._send_clear(route, sec.server.keys_reply(frames))
+            return None
+        if kind == env.Kind.PING:
+            return env.decode(frames)
+        if kind not in (LINK_INIT, SEALED_UP):
+            raise AuthenticationError("link security is on: send LINK_HELLO, then sealed requests")
+        try:
+            peer, inner = sec.server.open(frames)
+        except AuthenticationError:
+            sec.counters["auth_rejected"] += 1
+            raise
+        sec.note_route(route, peer)
+        self._peer = peer
+        key_msg = sec.sender_key_for(peer)          # a new session (or a new key-epoch)
+        if inner_kind(inner) == KEY_REQUEST:
+            if key_msg is None:
+                sec.keyed.pop(peer.sid, None)        # the plant lost it: hand it again
+                key_msg = sec.sender_key_for(peer)
+            if key_msg is not None:
+                self._out.append([route, *key_msg])
+                self._keys_queued = True
+            return None
+        if key_msg is not None:
+            self._out.append([route, *key_msg])
+            self._keys_queued = True
+        try:
+            return env.decode(inner)
+        except RemoteProtocolError as exc:
+            exc.rid = _inner_rid(inner)      # type: ignore[attr-defined]  # for the sealed ERROR
+            raise
 
     def _welcome(self, rid: int) -> Welcome:
         p = self.ha.peer
@@ -394,6 +487,12 @@ class SequencerNode:
             if core is None:
                 self._not_active(route, ev.rid)
                 return
+            if self._peer is not None:
+                why = self.sec.publish_refusal(self._peer, ev.producer, ev.items)  # type: ignore[union-attr]
+                if why is not None:
+                    self.sec.counters["forbidden"] += 1  # type: ignore[union-attr]
+                    self._send(route, Error(rid=ev.rid, code="forbidden", message=why))
+                    return
             core.publish(route, ev.rid, ev.producer, ev.items, now_ns, self._old_lookup)
         elif t is ReplayRequest:
             if core is None:
@@ -401,9 +500,12 @@ class SequencerNode:
                 return
             if ev.max_records > self.cfg.replay_chunk_records:
                 ev = dataclasses.replace(ev, max_records=self.cfg.replay_chunk_records)
-            err = self.replays.open(route, ev, self.log, time.monotonic())
+            readable = None
+            if self._peer is not None:
+                readable = self.sec.readable(self._peer.key)  # type: ignore[union-attr]
+            err = self.replays.open(route, ev, self.log, time.monotonic(), readable=readable)
             if err:
-                self.ingress.send_multipart([route, *err])
+                self._reply(route, err)
         elif t is Credit:
             if not self.replays.credit(route, ev.rid, ev.credit, time.monotonic()):
                 self._send(route, Error(rid=ev.rid, code="unknown-replay",
@@ -418,13 +520,16 @@ class SequencerNode:
                 self.ha.max_epoch = ev.epoch
             self._send(route, self._welcome(ev.rid))
         elif t is Ping:
-            self._send(route, Pong(rid=ev.rid, epoch=self.ha.epoch,
-                                   last_seq=core.durable_seq if core else self._synced_upto,
-                                   role=self.role))
+            self._send(route, self._pong(ev.rid))
         elif t is StatusRequest:
             self._send(route, StatusReply(rid=ev.rid, info=self.status()))
         elif t is Admin:
-            self._admin(route, ev)
+            if self.sec is not None:
+                self._send(route, Error(rid=ev.rid, code="forbidden",
+                                        message="with link security on, operator commands go to "
+                                                "the control endpoint (sequencer.control)"))
+                return
+            self._send(route, self._admin(ev))
         else:
             raise RemoteProtocolError(f"{t.__name__} is not a request", code="unexpected")
 
@@ -434,7 +539,8 @@ class SequencerNode:
                                 message=f"node {self.cfg.node_id} is {self.role}; "
                                         f"the active node is at {hint}"))
 
-    def _admin(self, route: bytes, ev: Admin) -> None:
+    def _admin(self, ev: Admin) -> Any:
+        """Run an operator command; returns the reply event."""
         now = time.monotonic()
         cmd = ev.command
         if cmd == "promote":
@@ -447,24 +553,124 @@ class SequencerNode:
         elif cmd == "fault-cut-peer" and self.cfg.faults:
             self.fault_cut_peer = bool(ev.arg)
             log.warning("fault injection: peer link %s", "CUT" if ev.arg else "restored")
+        elif cmd == "reload":
+            err = self.reload()
+            if err is not None:
+                return Error(rid=ev.rid, code="reload-failed", message=err)
         else:
-            self._send(route, Error(rid=ev.rid, code="bad-command",
-                                    message=f"unknown or disabled admin command {cmd!r}"))
-            return
-        self._send(route, StatusReply(rid=ev.rid, info=self.status()))
+            return Error(rid=ev.rid, code="bad-command",
+                         message=f"unknown or disabled admin command {cmd!r}")
+        return StatusReply(rid=ev.rid, info=self.status())
+
+    def reload(self) -> str | None:
+        """Reload the allowlist (SIGHUP, ``sequencer reload``): revoked plants'
+        sessions and replays end now, and if a reader lost its key the broadcast
+        key rotates before the next publish. Returns an error text, or None."""
+        if self.sec is None:
+            return "link security is off: there is no allowlist to reload"
+        now = time.monotonic()
+        try:
+            routes, summary = self.sec.reload(now)
+        except (ValueError, OSError) as exc:
+            log.error("allowlist reload failed, the old one stays in force: %s", exc)
+            return str(exc)
+        gone = set(routes)
+        for route, rid in self.replays.sessions():
+            if route in gone:
+                self.replays.cancel(route, rid)
+        log.warning("%s", summary)
+        self._distribute(now)         # a rotated key goes only to the remaining readers
+        return None
+
+    def _drain_control(self) -> None:
+        """Operator commands on the loopback control endpoint (cleartext)."""
+        assert self.control is not None
+        for _ in range(64):
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            route = frames[0]
+            try:
+                if len(frames) != 3:
+                    raise RemoteProtocolError("expected [head, body]")
+                ev = env.decode(frames[1:])
+                t = type(ev)
+                if t is StatusRequest:
+                    rep: Any = StatusReply(rid=ev.rid, info=self.status())
+                elif t is Ping:
+                    rep = self._pong(ev.rid)
+                elif t is Admin:
+                    rep = self._admin(ev)
+                else:
+                    raise RemoteProtocolError(f"{t.__name__} is not a control command", code="unexpected")
+            except RemoteProtocolError as exc:
+                self.counters["rejected_frames"] += 1
+                rep = Error(rid=0, code=exc.code, message=str(exc))
+            try:
+                self.control.send_multipart([route, *env.encode(rep)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def _pong(self, rid: int) -> Pong:
+        return Pong(rid=rid, epoch=self.ha.epoch,
+                    last_seq=self.core.durable_seq if self.core else self._synced_upto,
+                    role=self.role)
 
     def _send(self, route: bytes, ev: Any) -> None:
-        self.ingress.send_multipart([route, *env.encode(ev)])
+        """Reply to the request being handled (sealed when it came sealed)."""
+        if self.sec is not None and self._peer is None:
+            self._send_clear(route, env.encode(ev))
+        else:
+            self._reply(route, env.encode(ev))
+
+    def _send_clear(self, route: bytes, frames: list[bytes]) -> None:
+        try:
+            self.ingress.send_multipart([route, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError:      # peer gone: it will ask again
+            pass
+
+    def _reply(self, route: bytes, frames: list[bytes]) -> None:
+        """Send ``[head, body]`` to a plant: in cleartext, or sealed under its
+        session and queued until the session state is durable (_flush_out)."""
+        sec = self.sec
+        if sec is None:
+            self._send_clear(route, frames)
+            return
+        sealed = sec.seal(route, frames)
+        if sealed is not None:       # no session (revoked, evicted): nobody to tell
+            self._out.append([route, *sealed])
+
+    def _flush_out(self) -> None:
+        """Persist every advanced session, then send what was sealed under it."""
+        out = self._out
+        if not out:
+            return
+        try:
+            self.sec.flush()      # type: ignore[union-attr]
+        except OSError as exc:
+            raise DurabilityError(f"cannot persist link session state: {exc}") from exc
+        send = self.ingress.send_multipart
+        for frames in out:
+            try:
+                send(frames, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        out.clear()
+        self._keys_queued = False
 
     def _reject(self, route: bytes, frames: list[bytes], exc: RemoteProtocolError) -> None:
         self.counters["rejected_frames"] += 1
-        rid = 0
-        if len(frames) >= 2:
+        rid = getattr(exc, "rid", 0) if self._peer is not None else 0
+        if len(frames) >= 2 and self.sec is None:
             try:
                 h = env.decode_head(frames[1])
                 rid = h[2] if len(h) > 2 else 0
             except RemoteProtocolError:
                 pass
+        if isinstance(exc, AuthenticationError):
+            rid = 0                    # a sealed head carries a session id, not a request id
+            self._peer = None          # never answer a failed authentication under a session
         try:
             self._send(route, Error(rid=rid, code=exc.code, message=str(exc)))
         except zmq.ZMQError:
@@ -510,20 +716,55 @@ class SequencerNode:
         out = core.durable(upto)
         pub = self.egress
         drop = self.cfg.fault_drop_egress
+        sec = self.sec
         for first, last, bodies in out.batches:
             if drop and self._rng.random() < drop:
                 self.counters["egress_dropped_injected"] += 1
                 continue
-            pub.send_multipart(env.batch_frames(core.epoch, first, last, bodies))
+            frames = env.batch_frames(core.epoch, first, last, bodies)
+            if sec is not None:
+                frames = self._seal_egress(frames)
+            pub.send_multipart(frames)
             self.counters["egress_batches"] += 1
-        send = self.ingress.send_multipart
         epoch = core.epoch
-        for route, rid, pairs in out.acks:
-            try:
-                send([route, *env.encode(env.Ack(rid=rid, epoch=epoch, pairs=tuple(pairs)))])
-            except zmq.ZMQError:   # peer gone: it will resend and be deduplicated
-                pass
+        if sec is None:
+            send = self.ingress.send_multipart
+            for route, rid, pairs in out.acks:
+                try:
+                    send([route, *env.encode(env.Ack(rid=rid, epoch=epoch, pairs=tuple(pairs)))])
+                except zmq.ZMQError:   # peer gone: it will resend and be deduplicated
+                    pass
+        else:
+            for route, rid, pairs in out.acks:
+                self._reply(route, env.encode(env.Ack(rid=rid, epoch=epoch, pairs=tuple(pairs))))
         self.counters["acks"] += len(out.acks)
+
+    def _seal_egress(self, frames: list[bytes]) -> list[bytes]:
+        """Seal a BATCH / HEARTBEAT under the sender key; hand out a new
+        key-epoch first when one is due (rotation by count or time)."""
+        sec = self.sec
+        assert sec is not None and sec.bcast is not None
+        now = time.monotonic()
+        if sec.bcast.rotation_due(now) or sec.bcast.key_epoch != self.state.get("key_epoch"):
+            self._distribute(now)
+        elif self._keys_queued:
+            self._flush_out()         # a new session's key goes out before the batch it opens
+        return sec.seal_egress(frames, now)
+
+    def _distribute(self, now: float) -> None:
+        """Rotate if due, save the key-epoch, and hand the current sender key to
+        every authorised session before anything is published under it."""
+        sec = self.sec
+        assert sec is not None
+        if sec.bcast is None:
+            return
+        sec.distribution_due(now)
+        if sec.bcast.key_epoch != self.state.get("key_epoch"):
+            self.state["key_epoch"] = sec.bcast.key_epoch
+            self._save_state()        # key-epochs never repeat, even across a crash
+        for route, frames in sec.distribute():
+            self._out.append([route, *frames])
+        self._flush_out()
 
     def _replicate(self) -> None:
         """Send the standby what it lacks, within the window (from the log, so
@@ -697,10 +938,10 @@ class SequencerNode:
         except LogCorruptedError as exc:
             log.error("%s", exc)
             for route, rid in self.replays.sessions():
-                self.ingress.send_multipart([route, *self.replays.fail(route, rid, "log-corrupted", str(exc))])
+                self._reply(route, self.replays.fail(route, rid, "log-corrupted", str(exc)))
             return
         for route, frames in chunks:
-            self.ingress.send_multipart([route, *frames])
+            self._reply(route, frames)
 
     def _heartbeat_if_due(self, next_hb: float, period: float) -> float:
         """Heartbeats also go out between the stages of a busy turn: on a
@@ -715,7 +956,10 @@ class SequencerNode:
         last = self.core.durable_seq if self.core else self._synced_upto
         hb = Heartbeat(epoch=self.ha.epoch, last_seq=last, node=self.cfg.node_id,
                        role=self.role, time=time.time_ns(), ingress=self.cfg.announced_ingress)
-        self.egress.send_multipart(env.encode(hb))
+        frames = env.encode(hb)
+        if self.sec is not None and self.sec.bcast is not None:
+            frames = self._seal_egress(frames)      # the active node's heartbeats are signed
+        self.egress.send_multipart(frames)
         if self.peer_out is not None:
             self._peer_send(peerlink.encode_heartbeat(peerlink.PeerHeartbeat(
                 epoch=self.ha.epoch, last_seq=self.log.last_seq, node=self.cfg.node_id,
@@ -726,6 +970,9 @@ class SequencerNode:
 
     def _housekeeping(self, now_m: float) -> None:
         self.replays.expire(now_m)
+        if self.sec is not None and now_m >= self._sec_gc_at:
+            self._sec_gc_at = now_m + 10.0
+            self.sec.forget_dropped()     # bookkeeping of evicted sessions stays bounded
         if now_m >= self._retention_at:
             self._retention_at = now_m + RETENTION_EVERY_S
             for path in self.log.apply_retention(time.time_ns()):
@@ -794,14 +1041,30 @@ class SequencerNode:
             if self.core is not None and self.core.has_unwritten:
                 self._commit()
             self._snapshot_dedup()
+            if self.sec is not None:
+                self._flush_out()
         finally:
-            for s in (self.ingress, self.egress, self.peer_in, self.peer_out):
+            if self.sec is not None:
+                self.sec.close()
+            for s in (self.ingress, self.egress, self.peer_in, self.peer_out, self.control):
                 if s is not None:
                     s.close(0)
             self.notifier.close()
             self.log.close()
             self.log = None  # type: ignore[assignment]
             log.info("node %s stopped", self.cfg.node_id)
+
+
+def _inner_rid(inner: list[bytes]) -> int:
+    """The request id of an authentic inner message that does not decode, if its
+    head shows one (so the sealed ERROR names the request); else 0."""
+    try:
+        h = cbor2.loads(inner[0])
+    except Exception:               # a malformed head: the error goes out with rid 0
+        return 0
+    if type(h) is list and len(h) > 2 and type(h[2]) is int and 0 <= h[2] < 2 ** 63:
+        return int(h[2])
+    return 0
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -823,6 +1086,7 @@ def run(cfg: SequencerConfig) -> int:
     node = SequencerNode(cfg)
     signal.signal(signal.SIGTERM, node.stop)
     signal.signal(signal.SIGINT, node.stop)
+    signal.signal(signal.SIGHUP, node.request_reload)
     try:
         node.run()
     except DurabilityError as exc:

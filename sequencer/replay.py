@@ -14,6 +14,7 @@ This module does no socket I/O and reads no clock: the driver passes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, Protocol
@@ -44,6 +45,8 @@ class _Session:
     credit: int
     max_records: int
     touched: float
+    #: the requester's read ACL (link security), checked at every chunk; None: all
+    readable: Callable[[str], bool] | None = None
 
 
 class ReplayManager:
@@ -65,8 +68,13 @@ class ReplayManager:
         """True if some session has credit (the driver should not sleep)."""
         return any(s.credit > 0 for s in self._s.values())
 
-    def open(self, route: bytes, req: ReplayRequest, log: LogReader, now: float) -> list[bytes] | None:
-        """Start a session. Returns error frames to send, or ``None``."""
+    def open(self, route: bytes, req: ReplayRequest, log: LogReader, now: float, *,
+             readable: Callable[[str], bool] | None = None) -> list[bytes] | None:
+        """Start a session. Returns error frames to send, or ``None``.
+
+        ``readable(topic)`` (link security) filters every chunk by the
+        requester's read ACL *when the chunk is cut*, so a revocation or a
+        narrowed allowlist applies to a replay already running."""
         key = (route, req.rid)
         if key not in self._s and len(self._s) >= self.max_sessions:
             return encode(Error(rid=req.rid, code="busy",
@@ -79,7 +87,7 @@ class ReplayManager:
             return encode(Error(rid=req.rid, code="gone", first_available=first,
                                 message=f"seqs before {first} were removed by retention"))
         self._s[key] = _Session(route, req.rid, start, req.to_seq, req.until, req.topic,
-                                req.credit, req.max_records, now)
+                                req.credit, req.max_records, now, readable)
         return None
 
     def credit(self, route: bytes, rid: int, n: int, now: float) -> bool:
@@ -145,10 +153,12 @@ class ReplayManager:
             nxt = start
             topic = s.topic
             until = s.until
-            if not topic and until is None:
-                # no per-record filter (the common case): read() returns consecutive
-                # seqs, so only a tail can lie past the limit (when retention moved
-                # the log's start past ours); take the bodies in one C-level pass
+            readable = s.readable
+            if not topic and until is None and readable is None:
+                # no per-record filter (the common case without a read ACL): read()
+                # returns consecutive seqs, so only a tail can lie past the limit (when
+                # retention moved the log's start past ours); take the bodies in one
+                # C-level pass
                 take = recs
                 if take and take[-1][0] > limit:
                     take = [r for r in take if r[0] <= limit]
@@ -163,8 +173,13 @@ class ReplayManager:
                         done = True
                         break
                     nxt = seq + 1
-                    if not topic or record_topic(body).startswith(topic):
-                        bodies.append(body)
+                    if readable is None:
+                        if not topic or record_topic(body).startswith(topic):
+                            bodies.append(body)
+                    else:
+                        rt = record_topic(body)
+                        if rt.startswith(topic) and readable(rt):
+                            bodies.append(body)
             if not recs:
                 done = True   # nothing more in the log (should not happen below durable_seq)
             s.next_seq = nxt

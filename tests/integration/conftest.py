@@ -110,40 +110,137 @@ class Proc:
             return ""
 
 
+class Keyring:
+    """Keys for a test cluster with link security on: one identity per node
+    and per plant, the nodes' allowlist (every plant may publish and read
+    everything unless a test narrows it) and the plants' pins file.
+
+    A plant key made after its nodes started is put on their allowlist with
+    ``sequencer reload`` over the control endpoint, which answers once the
+    reload is done (a handshake, not a sleep)."""
+
+    def __init__(self, root: Path) -> None:
+        from orbcast.keys import generate_identity_file
+        self._gen = generate_identity_file
+        self.dir = root / "keys"
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.allowlist = self.dir / "allowlist.toml"
+        self.pins = self.dir / "pins.toml"
+        self.node_keys: dict[str, str] = {}
+        self.plants: dict[str, tuple[str, list[str], list[str]]] = {}
+        self.nodes: list["Node"] = []
+        self._write()
+
+    def node(self, name: str) -> str:
+        """The public key text of node ``name`` (made on first use)."""
+        if name not in self.node_keys:
+            ident, _k, _p = self._gen(self.dir, f"node-{name}")
+            self.node_keys[name] = ident.public_text
+            self._write()
+        return self.node_keys[name]
+
+    def plant(self, name: str, publish: list[str] | None = None, read: list[str] | None = None) -> Path:
+        """Make (or re-scope) plant ``name``'s allowlist entry; returns its key file."""
+        key = self.dir / f"{name}.key"
+        if name not in self.plants:
+            ident, _k, _p = self._gen(self.dir, name)
+            pub = ident.public_text
+        else:
+            pub = self.plants[name][0]
+        entry = (pub, [""] if publish is None else publish, [""] if read is None else read)
+        if self.plants.get(name) != entry:
+            self.plants[name] = entry
+            self._write()
+            self.reload_nodes()
+        return key
+
+    def revoke(self, name: str) -> None:
+        del self.plants[name]
+        self._write()
+
+    def reload_nodes(self) -> None:
+        for n in self.nodes:
+            if n.proc is not None and n.proc.alive():
+                n.admin("reload")
+
+    def _write(self) -> None:
+        import json
+        lines = []
+        for name, (pub, pubs, reads) in self.plants.items():
+            lines += ["[[plant]]", f"name = {json.dumps(name)}", f"key = {json.dumps(pub)}",
+                      f"publish = {json.dumps(pubs)}", f"read = {json.dumps(reads)}", ""]
+        tmp = self.allowlist.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines))
+        os.replace(tmp, self.allowlist)
+        pins = []
+        for name, pub in self.node_keys.items():
+            pins += ["[[node]]", f"name = {json.dumps(name)}", f"key = {json.dumps(pub)}", ""]
+        self.pins.write_text("\n".join(pins))
+
+
 class Node:
     """A sequencer node process that can be killed and restarted on its data."""
 
     def __init__(self, tmp: Path, name: str = "seq", env: dict[str, str] | None = None,
-                 extra: list[str] | None = None) -> None:
+                 extra: list[str] | None = None, keyring: Keyring | None = None) -> None:
+        self.name = name
         self.data = tmp / name
         self.ingress = f"tcp://127.0.0.1:{free_port()}"
         self.egress = f"tcp://127.0.0.1:{free_port()}"
         self.peer = f"tcp://127.0.0.1:{free_port()}"
+        self.control = f"tcp://127.0.0.1:{free_port()}"
         self.env = env or {}
         self.extra = extra or []
         self.log = tmp / f"{name}.log"
         self.proc: Proc | None = None
+        self.keyring = keyring
+        self.partner: Node | None = None
+        self.config = tmp / f"{name}.toml"
+        if keyring is not None:
+            keyring.node(name)
+            keyring.nodes.append(self)
 
     def pair_with(self, other: "Node", role: str) -> "Node":
         """Make this node one of a primary/standby pair with ``other``."""
         self.extra += ["--role", role, "--peer", self.peer, "--peer-connect", other.peer]
+        self.partner = other
         return self
+
+    def admin(self, command: str, timeout: float = 10) -> dict:
+        """An operator command over the control endpoint; fails the test on an error reply."""
+        from orbcast.envelope import Admin, Error
+        from orbcast.rpc import request
+        rep = request(self.control, Admin(rid=1, command=command), timeout=timeout)
+        if isinstance(rep, Error):
+            pytest.fail(f"{command} on {self.name}: {rep.code} {rep.message}")
+        return rep.info
 
     def status(self, timeout: float = 5) -> dict:
         from orbcast.envelope import StatusRequest
         from orbcast.errors import OrbcastTimeout
         from orbcast.rpc import request
         try:
-            return request(self.ingress, StatusRequest(rid=1), timeout=timeout).info
+            return request(self.control, StatusRequest(rid=1), timeout=timeout).info
         except OrbcastTimeout:
             if self.proc and self.proc.alive():      # a hung node: get its stacks into the log
                 os.kill(self.proc.pid, signal.SIGUSR1)
             raise
 
     def start(self, timeout: float = 20) -> "Node":
+        conf: list[str] = []
+        kr = self.keyring
+        if kr is not None:
+            lines = ["[sequencer]", 'security = "ratchet"',
+                     f'identity = "{kr.dir / ("node-" + self.name + ".key")}"',
+                     f'allowlist = "{kr.allowlist}"']
+            if self.partner is not None:
+                lines.append(f'peer_key = "{kr.node(self.partner.name)}"')
+            self.config.write_text("\n".join(lines) + "\n")
+            conf = ["--config", str(self.config)]
         self.proc = Proc([PY, "-m", "sequencer", "run", "--data", str(self.data),
                           "--ingress", self.ingress, "--egress", self.egress,
-                          "--node-id", self.data.name, *self.extra], self.log, self.env).start()
+                          "--control", self.control,
+                          "--node-id", self.data.name, *conf, *self.extra], self.log, self.env).start()
         try:
             wait_ready(self.ingress, timeout=timeout)
         except Exception:
@@ -184,8 +281,22 @@ def procs(tmp_path: Path) -> Iterator[list[Proc]]:
 
 
 @pytest.fixture
-def node_factory(tmp_path: Path, procs: list) -> Callable[..., Node]:
+def security(request: pytest.FixtureRequest) -> str:
+    """"none" (default) or "ratchet": parametrize a test with
+    ``@pytest.mark.parametrize("security", ["none", "ratchet"], indirect=True)``
+    to run it unchanged with link security on."""
+    return getattr(request, "param", "none")
+
+
+@pytest.fixture
+def keyring(tmp_path: Path, security: str) -> Keyring | None:
+    return Keyring(tmp_path) if security == "ratchet" else None
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, procs: list, keyring: Keyring | None) -> Callable[..., Node]:
     def make(name: str = "seq", **kw: object) -> Node:
+        kw.setdefault("keyring", keyring)
         n = Node(tmp_path, name, **kw)  # type: ignore[arg-type]
         procs.append(n)
         return n
@@ -198,6 +309,10 @@ def plant_proc(tmp_path: Path, procs: list, role: str, name: str, node: "Node | 
     out = tmp_path / f"{name}.out"
     nodes = node if isinstance(node, list) else [node]
     seqs = [x for n in nodes for x in ("--sequencer", n.ingress)]
+    kr = nodes[0].keyring
+    if kr is not None:
+        kr.plant(name)
+        seqs += ["--keys", str(kr.dir)]
     p = Proc([PY, "-m", "tests.integration.procs", role, *seqs,
               "--producer-id", name, "--data", str(data or tmp_path / f"plant-{name}"),
               "--out", str(out), *args], tmp_path / f"{name}.log").start()

@@ -39,8 +39,12 @@ def _debug_dump(p: Plant) -> None:
 
 
 def _cfg(a: argparse.Namespace) -> PlantConfig:
+    sec = {}
+    if a.keys:      # link security on: the test's Keyring made these files
+        sec = {"security": "ratchet", "identity": f"{a.keys}/{a.producer_id}.key",
+               "pins": f"{a.keys}/pins.toml"}
     return PlantConfig(sequencers=a.sequencer, producer_id=a.producer_id, data=a.data,
-                       request_timeout_ms=a.request_timeout_ms)
+                       request_timeout_ms=a.request_timeout_ms, **sec)
 
 
 def publisher(a: argparse.Namespace) -> int:
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow", type=float, default=0)
     ap.add_argument("--stop-at", type=int, default=0)
     ap.add_argument("--request-timeout-ms", type=int, default=500)
+    ap.add_argument("--keys", default=None, help="link security: the test keyring's directory")
     a = ap.parse_args(argv)
     return {"publisher": publisher, "consumer": consumer}[a.role](a)
 

@@ -62,6 +62,8 @@ def run_failover_round(tmp_path: Path, procs: list, node_factory, rnd: int, rng:
     check(deliveries, acks, start=1)                 # identical, gap-free, every ack, once
     st = b.status()
     assert st["role"] == "active" and st["epoch"] > 1, st
+    if a.keyring is not None:     # the new leader really sealed: new sessions, its own sender key
+        assert st["security"] == "ratchet" and st["counters"]["sender_keys_sent"] >= 2, st
     b.stop()
     where = check_log(b.records(), acks)
     assert len(where) == 2 * n_each                  # nothing sequenced twice
@@ -79,6 +81,16 @@ def test_failover_under_load(tmp_path: Path, procs: list, node_factory, rnd: int
     moment: every acked message is delivered exactly once by every consumer,
     no seq is reused, seqs are gap-free across the epoch change."""
     run_failover_round(tmp_path, procs, node_factory, rnd, random.Random(1000 + rnd))
+
+
+@pytest.mark.parametrize("security", ["ratchet"], indirect=True)
+@pytest.mark.parametrize("rnd", range(4))
+def test_failover_under_load_with_link_security(tmp_path: Path, procs: list, node_factory, rnd: int,
+                                                security: str) -> None:
+    """The same invariants with link security on: after the kill every plant
+    handshakes with the new active node (never reusing a session), gets its
+    new sender key, and the peer link runs over CURVE with the node keys."""
+    run_failover_round(tmp_path, procs, node_factory, rnd, random.Random(2000 + rnd))
 
 
 @pytest.mark.soak

@@ -21,7 +21,8 @@ def _acks(tmp_path: Path, names: list[str]) -> dict[tuple[str, int], int]:
     return acks
 
 
-def test_egress_loss_is_repaired(tmp_path: Path, procs: list, node_factory) -> None:
+@pytest.mark.parametrize("security", ["none", "ratchet"], indirect=True)
+def test_egress_loss_is_repaired(tmp_path: Path, procs: list, node_factory, security: str) -> None:
     """The PUB drops batches (injected 20% loss plus a tiny high-water mark
     with a slow consumer): every consumer still delivers the full sequence in
     order exactly once, and gaps were really repaired."""
@@ -43,7 +44,8 @@ def test_egress_loss_is_repaired(tmp_path: Path, procs: list, node_factory) -> N
         assert stats["gaps"] > 0 and stats["repaired"] > 0, f"{c}: no gap was repaired: {stats}"
 
 
-def test_late_start_catches_up_with_no_seam(tmp_path: Path, procs: list, node_factory) -> None:
+@pytest.mark.parametrize("security", ["none", "ratchet"], indirect=True)
+def test_late_start_catches_up_with_no_seam(tmp_path: Path, procs: list, node_factory, security: str) -> None:
     """A plant started after 100,000 messages were sequenced, while publishing
     continues, delivers 1..N with no gap and no duplicate at the seam."""
     node = node_factory().start()
@@ -90,7 +92,8 @@ def test_plant_crash_loses_nothing_it_accepted(tmp_path: Path, procs: list, node
     assert min(second["A"]) > max(accepted_first)
 
 
-def test_sequencer_away_then_back(tmp_path: Path, procs: list, node_factory) -> None:
+@pytest.mark.parametrize("security", ["none", "ratchet"], indirect=True)
+def test_sequencer_away_then_back(tmp_path: Path, procs: list, node_factory, security: str) -> None:
     """Stop the sequencer while plants keep publishing into their outboxes;
     start it again: everything is delivered, nothing duplicated."""
     node = node_factory().start()

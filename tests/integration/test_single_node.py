@@ -12,9 +12,12 @@ from tests.integration.conftest import plant_proc, read_out
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_two_publishers_two_consumers_identical_gap_free(tmp_path: Path, procs: list, node_factory) -> None:
+@pytest.mark.parametrize("security", ["none", "ratchet"], indirect=True)
+def test_two_publishers_two_consumers_identical_gap_free(tmp_path: Path, procs: list, node_factory,
+                                                         security: str) -> None:
     """2 plants publish 20,000 messages each while 2 plants consume: both
-    consumers deliver the identical gap-free sequence, matching every ack."""
+    consumers deliver the identical gap-free sequence, matching every ack
+    (with link security off, and on: every link ratcheted, egress signed)."""
     node = node_factory().start()
     n_each = 20_000
     consumers = [plant_proc(tmp_path, procs, "consumer", f"c{i}", node, "--count", str(2 * n_each),
@@ -35,11 +38,16 @@ def test_two_publishers_two_consumers_identical_gap_free(tmp_path: Path, procs: 
     rep = check(deliveries, acks, start=1)
     assert rep.last_seq == 2 * n_each
     assert deliveries["c0"] == deliveries["c1"]
+    st = node.status()
+    assert st["security"] == security
+    if security == "ratchet":     # really sealed: both consumers were handed the sender key
+        assert st["counters"]["sender_keys_sent"] >= 2 and st["counters"]["auth_rejected"] == 0
     node.stop()
     check_log(node.records(), acks)
 
 
-def test_kill9_sequencer_while_publishing(tmp_path: Path, procs: list, node_factory) -> None:
+@pytest.mark.parametrize("security", ["none", "ratchet"], indirect=True)
+def test_kill9_sequencer_while_publishing(tmp_path: Path, procs: list, node_factory, security: str) -> None:
     """kill -9 the sequencer mid-stream and restart it on the same data dir:
     every acked message is in the log exactly once, seqs continue with no gap,
     and the plants' resends are deduplicated."""

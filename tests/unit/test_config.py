@@ -285,12 +285,63 @@ def test_the_peer_bind_is_protected_too_once_a_peer_is_configured() -> None:
     assert ei.value.field == "sequencer.peer" and "without link security" in str(ei.value)
 
 
-def test_link_security_is_refused_until_it_is_implemented() -> None:
+def test_an_unknown_security_mode_is_refused() -> None:
     with pytest.raises(ConfigError) as ei:
-        load(SequencerConfig, env={"ORBCAST_SEQUENCER_SECURITY": "ratchet",
-                                   "ORBCAST_SEQUENCER_INGRESS": "tcp://0.0.0.0:7400"})
+        load(SequencerConfig, env={"ORBCAST_SEQUENCER_SECURITY": "tls"})
     assert ei.value.field == "sequencer.security"
     assert ei.value.source == "ORBCAST_SEQUENCER_SECURITY"
+    with pytest.raises(ConfigError) as ei:
+        load(PlantConfig, env={"ORBCAST_PLANT_SECURITY": "tls"})
+    assert ei.value.field == "plant.security"
+
+
+@pytest.mark.parametrize("missing", ["identity", "allowlist"])
+def test_ratchet_needs_an_identity_and_an_allowlist(missing: str) -> None:
+    env = {"ORBCAST_SEQUENCER_SECURITY": "ratchet", "ORBCAST_SEQUENCER_IDENTITY": "/k/node.key",
+           "ORBCAST_SEQUENCER_ALLOWLIST": "/k/allow.toml"}
+    del env[f"ORBCAST_SEQUENCER_{missing.upper()}"]
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env=env)
+    assert ei.value.field == f"sequencer.{missing}"
+
+
+@pytest.mark.parametrize("missing", ["identity", "pins"])
+def test_a_ratchet_plant_needs_an_identity_and_pins(missing: str) -> None:
+    env = {"ORBCAST_PLANT_SECURITY": "ratchet", "ORBCAST_PLANT_IDENTITY": "/k/id.key",
+           "ORBCAST_PLANT_PINS": "/k/pins.toml"}
+    del env[f"ORBCAST_PLANT_{missing.upper()}"]
+    with pytest.raises(ConfigError) as ei:
+        load(PlantConfig, env=env)
+    assert ei.value.field == f"plant.{missing}"
+
+
+def test_with_link_security_a_node_may_bind_any_address() -> None:
+    cfg = load(SequencerConfig, env={
+        "ORBCAST_SEQUENCER_SECURITY": "ratchet", "ORBCAST_SEQUENCER_IDENTITY": "/k/node.key",
+        "ORBCAST_SEQUENCER_ALLOWLIST": "/k/allow.toml", "ORBCAST_SEQUENCER_INGRESS": "tcp://0.0.0.0:7400",
+        "ORBCAST_SEQUENCER_EGRESS": "tcp://192.0.2.1:7401"})
+    assert cfg.ingress == "tcp://0.0.0.0:7400" and cfg.security == "ratchet"
+
+
+def test_a_secured_pair_needs_the_peer_key_and_a_valid_one() -> None:
+    env = {"ORBCAST_SEQUENCER_SECURITY": "ratchet", "ORBCAST_SEQUENCER_IDENTITY": "/k/node.key",
+           "ORBCAST_SEQUENCER_ALLOWLIST": "/k/allow.toml", "ORBCAST_SEQUENCER_PEER": "tcp://0.0.0.0:7402",
+           "ORBCAST_SEQUENCER_PEER_CONNECT": "tcp://192.0.2.2:7402"}
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env=env)
+    assert ei.value.field == "sequencer.peer_key"
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env={**env, "ORBCAST_SEQUENCER_PEER_KEY": "orbcast1:short"})
+    assert ei.value.field == "sequencer.peer_key"
+    key = "orbcast1:" + "A" * 43
+    assert load(SequencerConfig, env={**env, "ORBCAST_SEQUENCER_PEER_KEY": key}).peer_key == key
+
+
+def test_the_control_endpoint_must_be_loopback() -> None:
+    with pytest.raises(ConfigError) as ei:
+        load(SequencerConfig, env={"ORBCAST_SEQUENCER_CONTROL": "tcp://0.0.0.0:7403"})
+    assert ei.value.field == "sequencer.control" and "loopback" in str(ei.value)
+    assert load(SequencerConfig, env={"ORBCAST_SEQUENCER_CONTROL": "tcp://127.0.0.1:7403"}).control
 
 
 @pytest.mark.parametrize("ep", ["tcp://127.0.0.1:7400", "tcp://127.1.2.3:1", "tcp://localhost:7400",

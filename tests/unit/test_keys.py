@@ -136,6 +136,9 @@ def test_allowlist_parse_and_queries(tmp_path: Path) -> None:
     assert acl.may_read(a, "anything") and not acl.may_read(b, "sensors/garage/x")
     assert not acl.may_publish(c, "sensors/kitchen/temp") and not acl.may_read(c, "x")
     assert acl.lookup(a).gets_broadcast_key and not acl.lookup(b).gets_broadcast_key  # type: ignore[union-attr]
+    # a plant with narrower read prefixes never gets the group key (it opens every topic)
+    narrow = K.AllowEntry(name="n", key=c, read=("sensors/",))
+    assert narrow.may_read("sensors/x") and not narrow.gets_broadcast_key
     assert len(K.parse_allowlist("")) == 0
 
 
@@ -168,11 +171,11 @@ def test_allowlist_errors_name_the_entry(tmp_path: Path, text: str, needle: str)
 def test_allowlist_diff_for_revocation() -> None:
     a, b, c, d = _keys(4)
     old = K.Allowlist([K.AllowEntry(name="a", key=a, read=("",)),
-                       K.AllowEntry(name="b", key=b, read=("x/",)),
+                       K.AllowEntry(name="b", key=b, read=("x/", "")),
                        K.AllowEntry(name="c", key=c, publish=("p/",)),
-                       K.AllowEntry(name="d", key=d, read=("y/",))])
+                       K.AllowEntry(name="d", key=d, read=("",))])
     new = K.Allowlist([K.AllowEntry(name="a", key=a, read=("",)),
-                       K.AllowEntry(name="b", key=b),  # lost read: must not get the next key
+                       K.AllowEntry(name="b", key=b, read=("x/",)),  # narrowed: no next key
                        K.AllowEntry(name="c", key=c, publish=("p/", "q/")),
                        K.AllowEntry(name="e", key=_keys(5)[4])])
     diff = old.diff(new)

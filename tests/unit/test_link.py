@@ -67,7 +67,8 @@ class MemStore:
 class World:
     """One node, plants, their stores. ``plant(name)`` makes a linked LinkClient."""
 
-    def __init__(self, label: bytes = b"w", *, defer: bool = False) -> None:
+    def __init__(self, label: bytes = b"w", *, defer: bool = False,
+                 garage_read: tuple[str, ...] = ("sensors/garage/",)) -> None:
         self.kg = CounterKeygen(label + b"/ids")
         self.node_ident = Identity.generate(self.kg)
         self.idents = {n: Identity.generate(self.kg) for n in ("kitchen", "garage", "evil")}
@@ -75,7 +76,7 @@ class World:
             AllowEntry(name="kitchen", key=self.idents["kitchen"].public,
                        publish=("sensors/kitchen/",), read=("",)),
             AllowEntry(name="garage", key=self.idents["garage"].public,
-                       publish=("sensors/garage/",), read=("sensors/garage/",)),
+                       publish=("sensors/garage/",), read=garage_read),
         ])
         self.node_store = MemStore()
         self.node_kg = CounterKeygen(label + b"/node")
@@ -272,6 +273,18 @@ def test_identity_is_the_key_sessions_are_per_key_and_bounded() -> None:
     assert_server_rejects(w, a.seal(publish(50)))
     still_works(w, *extra[-1])
     still_works(w, b, pb)
+
+
+def test_a_busy_session_outlives_one_shot_sessions_of_the_same_key() -> None:
+    """Eviction per key is by last use: a plant that keeps talking keeps its
+    session however many one-shot sessions (``plant status``) its key opens."""
+    w = World()
+    daemon, pd = linked(w, "kitchen")
+    for i in range(3 * L.MAX_SESSIONS_PER_KEY):
+        linked(w, "kitchen")                # a CLI call: one request, never used again
+        still_works(w, daemon, pd, rid=100 + i)
+    assert w.server.peer(pd.sid) is not None
+    assert sum(p.key == pd.key for p in w.server.sessions()) == L.MAX_SESSIONS_PER_KEY
 
 
 def test_misuse_is_a_local_error() -> None:
@@ -520,7 +533,7 @@ class Cast:
     """A node with a broadcast sender and linked plants with receivers."""
 
     def __init__(self, label: bytes = b"cast") -> None:
-        self.w = World(label)
+        self.w = World(label, garage_read=("",))   # both read everything: both get the key
         self.sender = L.BroadcastSender(key_epoch=7, now=NOW, rand=det_rand(label))
         self.links: dict[str, tuple[L.LinkClient, L.Peer, L.BroadcastReceiver]] = {}
         for name in ("kitchen", "garage"):
@@ -711,9 +724,13 @@ def test_revocation_rotates_and_locks_the_plant_out() -> None:
     still_works(w, *k.links["kitchen"][:2])
 
 
-def test_plant_losing_read_rights_triggers_rotation() -> None:
+@pytest.mark.parametrize("read", [(), ("sensors/",)])
+def test_plant_losing_read_rights_triggers_rotation(read: tuple[str, ...]) -> None:
+    """Losing every read right, or narrowing from everything to some prefixes
+    (the group key opens every topic), must both rotate the broadcast key."""
     k = Cast()
-    entries = [e if e.name != "garage" else AllowEntry(name="garage", key=e.key, publish=e.publish)
+    entries = [e if e.name != "garage" else AllowEntry(name="garage", key=e.key, publish=e.publish,
+                                                         read=read)
                for e in k.w.acl]
     diff, dropped = k.w.server.set_allowlist(Allowlist(entries))
     assert diff.rotate and not diff.revoked and dropped == []

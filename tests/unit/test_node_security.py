@@ -1,0 +1,68 @@
+"""The node's link-security glue (sequencer/security.py): bookkeeping stays bounded
+and consistent; key-epochs never go back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orbcast.config import SequencerConfig
+from orbcast.keys import generate_identity_file
+from orbcast.link import Peer
+from sequencer import security as S
+
+
+@pytest.fixture
+def sec(tmp_path: Path) -> S.NodeSecurity:
+    generate_identity_file(tmp_path / "k", "node")
+    (tmp_path / "k" / "allow.toml").write_text("")
+    cfg = SequencerConfig(data=str(tmp_path / "d"), security="ratchet",
+                          identity=str(tmp_path / "k" / "node.key"),
+                          allowlist=str(tmp_path / "k" / "allow.toml"), fsync=False)
+    return S.NodeSecurity(cfg, tmp_path / "d", {})
+
+
+def _peer(sid: int) -> Peer:
+    return Peer(sid=sid, key=b"k" * 32, name="p")
+
+
+def test_a_route_speaks_under_its_latest_session_only(sec: S.NodeSecurity) -> None:
+    sec.note_route(b"r1", _peer(1))
+    sec.note_route(b"r1", _peer(2))          # the plant handshook again on the same connection
+    assert sec.sid_of == {b"r1": 2} and sec.route_of == {2: b"r1"}
+    sec.note_route(b"r2", _peer(3))
+    assert sec.route_of == {2: b"r1", 3: b"r2"}
+
+
+def test_route_bookkeeping_is_bounded(sec: S.NodeSecurity, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(S, "MAX_ROUTES", 8)
+    for i in range(100):
+        sec.note_route(b"r%d" % i, _peer(i))
+    assert len(sec.sid_of) == 8 and len(sec.route_of) == 8
+    assert set(sec.route_of) == set(range(92, 100))
+
+
+def test_forget_dropped_prunes_sessions_the_server_no_longer_has(sec: S.NodeSecurity) -> None:
+    for i in range(5):
+        sec.note_route(b"r%d" % i, _peer(i))
+        sec.keyed[i] = 7
+    sec.forget_dropped()                     # none of these sids is a live session
+    assert sec.sid_of == {} and sec.route_of == {} and sec.keyed == {}
+
+
+def test_sealing_for_an_unknown_route_drops_the_reply(sec: S.NodeSecurity) -> None:
+    from orbcast import envelope as env
+    assert sec.seal(b"nobody", env.encode(env.Pong(rid=1, epoch=1, last_seq=0, role="active"))) is None
+    sec.note_route(b"r", _peer(42))          # a route whose session is gone (revoked, evicted)
+    assert sec.seal(b"r", env.encode(env.Pong(rid=1, epoch=1, last_seq=0, role="active"))) is None
+
+
+@pytest.mark.parametrize(("saved", "wall", "want"), [
+    (0, 1_700_000_100.5, 100),               # first start: from the wall clock
+    (500, 1_700_000_100.0, 501),             # rotations ran ahead of the clock: saved + 1
+    (99, 1_700_000_100.0, 100),
+])
+def test_key_epochs_never_repeat(saved: int, wall: float, want: int) -> None:
+    assert S.key_epoch_start(saved, wall) == want
+    assert S.key_epoch_start(saved, wall) > saved
