@@ -889,13 +889,25 @@ def record_topic(body: bytes) -> str:
     for any other valid encoding."""
     try:
         if body[0] == 0x87 and body[1] == 0x1B and body[10] == 0x1B and body[19] == 0x1B:
-            pos = 28
-            pos = _skip_text(body, pos)
+            # producer id at 28, then 0x1B + 8 bytes of producer_seq, then the topic.
+            # Heads of text shorter than 256 bytes (every producer id, most topics)
+            # are read inline: this runs for every record of a filtered replay.
+            h = body[28]
+            if 0x60 <= h <= 0x77:
+                pos = 29 + (h & 0x1F)
+            elif h == 0x78:
+                pos = 30 + body[29]
+            else:
+                pos = _skip_text(body, 28)
             if body[pos] == 0x1B:
                 pos += 9
-                b0 = body[pos]
+                h = body[pos]
+                if 0x60 <= h <= 0x77:
+                    return body[pos + 1:pos + 1 + (h & 0x1F)].decode("utf-8")
+                if h == 0x78:
+                    return body[pos + 2:pos + 2 + body[pos + 1]].decode("utf-8")
                 n, pos = _text_len(body, pos)
-                if b0 >> 5 == 3:
+                if h >> 5 == 3:
                     return body[pos:pos + n].decode("utf-8")
     except (IndexError, UnicodeDecodeError):
         pass

@@ -166,6 +166,9 @@ class ReplayManager:
                     nxt = take[-1][0] + 1
                     bodies = list(map(_BODY, take))
             else:
+                # topics repeat within a chunk: decide each distinct one once (prefix
+                # and read ACL), so the ACL is still the one in force at this chunk
+                keep: dict[str, bool] = {}     # at most one entry per record of the chunk
                 for seq, t, body in recs:
                     if seq > limit:
                         break
@@ -173,13 +176,15 @@ class ReplayManager:
                         done = True
                         break
                     nxt = seq + 1
-                    if readable is None:
-                        if not topic or record_topic(body).startswith(topic):
-                            bodies.append(body)
-                    else:
-                        rt = record_topic(body)
-                        if rt.startswith(topic) and readable(rt):
-                            bodies.append(body)
+                    if not topic and readable is None:
+                        bodies.append(body)
+                        continue
+                    rt = record_topic(body)
+                    ok = keep.get(rt)
+                    if ok is None:
+                        ok = keep[rt] = rt.startswith(topic) and (readable is None or readable(rt))
+                    if ok:
+                        bodies.append(body)
             if not recs:
                 done = True   # nothing more in the log (should not happen below durable_seq)
             s.next_seq = nxt
