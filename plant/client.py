@@ -253,15 +253,15 @@ class Subscription:
             # when a message is ready, without its call and its checks
             tr = self.tracker
             try:
-                m = tr.ready.popleft()
+                ready = tr.ready.popleft()
             except IndexError:
                 pass
             else:
                 if tr._owed and len(tr.ready) < tr.ready_limit // 2:
                     self._plant._wake()
-                self._last = m.seq
+                self._last = ready.seq
                 self.delivered += 1
-                return m
+                return ready
         m = self.get()
         if m is None:
             raise StopIteration
