@@ -71,6 +71,8 @@ def build_checks(res: dict[str, Any], big: bool) -> list[dict[str, Any]]:
         None, kind="max", target=1000, unit="us", note="informative")
     add("replay (issues 2, 3)", _get(res, "replay", "records_s"), None, kind="min", target=400_000,
         unit="rec/s")
+    add("replay get_many / replay iterating", _get(res, "replay-bulk", "records_s"),
+        _get(res, "replay", "records_s"), unit="rec/s", note="informative")
     hwm = _get(res, "rss", "vmhwm_kb")
     if hwm is not None:
         full = _get(res, "rss", "full_1gb")
@@ -184,6 +186,11 @@ def render_table(res: dict[str, Any]) -> str:
     v = res.get("replay")
     if v:
         r("orbcast replay to one plant, 64 B", f"{v['records_s']:>12,.0f} rec/s",
+          f"{v['n']:,} records, plant {v['plant_cpu_us_per_rec']} / "
+          f"node {v['node_cpu_us_per_rec']} us CPU/rec")
+    v = res.get("replay-bulk")
+    if v:
+        r("orbcast replay, application get_many()", f"{v['records_s']:>12,.0f} rec/s",
           f"{v['n']:,} records, plant {v['plant_cpu_us_per_rec']} / "
           f"node {v['node_cpu_us_per_rec']} us CPU/rec")
     v = res.get("rss")

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from orbcast.envelope import MAX_SEQ, Cancel, Credit, Message, ReplayRequest
+from orbcast.errors import RemoteProtocolError
 
 __all__ = ["Tracker", "Start"]
 
@@ -164,9 +165,18 @@ class Tracker:
 
     def on_chunk(self, rid: int, start_seq: int, next_seq: int, last_seq: int, done: bool,
                  msgs: list[Message], now: float) -> None:
-        """A replay chunk for request ``rid`` (ignored if stale)."""
+        """A replay chunk for request ``rid`` (ignored if stale).
+
+        ``msgs`` must be in increasing seq order (as :func:`~orbcast.envelope.decode_records`
+        guarantees) and lie in ``start_seq .. next_seq - 1``; a chunk that breaks that
+        would deliver seqs twice or skip some, so it raises
+        :class:`~orbcast.errors.RemoteProtocolError` and changes nothing (the replay
+        then times out and is asked again)."""
         if rid != self._rid:
             return
+        if next_seq < start_seq or (msgs and (msgs[0].seq < start_seq or msgs[-1].seq >= next_seq)):
+            raise RemoteProtocolError(
+                f"replay chunk {start_seq}..{next_seq - 1} holds records outside that range")
         if last_seq > self.known_tail:
             self.known_tail = last_seq
         resolving = self.next_seq is None
@@ -218,15 +228,20 @@ class Tracker:
         self._maybe_request(now)
 
     def consumed(self, now: float) -> None:
-        """The application took messages from :attr:`ready`: maybe grant credit."""
+        """The application took messages from :attr:`ready`: maybe grant credit.
+
+        The plant's engine calls this on every turn; it is cheap when nothing is owed."""
         if self._owed and len(self.ready) < self.ready_limit // 2:
             n, self._owed = self._owed, 0
+            if self._outstanding <= 0:
+                # the node was idle because of us: its answer is due from now on
+                self._deadline = now + self.request_timeout
             self._grant(n)
         self._maybe_request(now)
 
     def tick(self, now: float) -> None:
         """Check timers (replay timeout, retry backoff)."""
-        if self._rid is not None and now >= self._deadline:
+        if self._rid is not None and now >= self._deadline and not self._paused:
             self.retries += 1
             self._reset_replay(now, cancel=True)
         self._maybe_request(now)
@@ -247,7 +262,7 @@ class Tracker:
     def deadline(self) -> float | None:
         """When :meth:`tick` next needs to run."""
         if self._rid is not None:
-            return self._deadline
+            return None if self._paused else self._deadline   # consumed() resumes a pause
         if len(self.ready) >= self.ready_limit:
             return None                       # consumed() wakes us
         if self._gap_exists():
@@ -262,6 +277,12 @@ class Tracker:
                 "ready": len(self.ready)}
 
     # --- internals -------------------------------------------------------------
+
+    @property
+    def _paused(self) -> bool:
+        """We withhold every credit (the ready queue is full) and no chunk is due: the
+        node is silent because of us, which is no reason to time the replay out."""
+        return self._owed > 0 and self._outstanding <= 0
 
     def _deliver(self, msgs: list[Message], from_seq: int) -> int:
         """Append the deliverable ones to :attr:`ready`; returns how many.

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Protocol
 
 from orbcast.envelope import Error, ReplayRequest, chunk_frames, encode, record_topic
 
 __all__ = ["ReplayManager", "LogReader"]
+
+_BODY = itemgetter(2)   # the body of a (seq, time_ns, body) log record
 
 
 class LogReader(Protocol):
@@ -151,19 +154,36 @@ class ReplayManager:
             topic = s.topic
             until = s.until
             readable = s.readable
-            for seq, t, body in recs:
-                if seq > limit:
-                    break
-                if until is not None and t >= until:
-                    done = True
-                    break
-                nxt = seq + 1
-                if readable is None:
-                    if not topic or record_topic(body).startswith(topic):
+            if not topic and until is None and readable is None:
+                # no per-record filter (the common case without a read ACL): read()
+                # returns consecutive seqs, so only a tail can lie past the limit (when
+                # retention moved the log's start past ours); take the bodies in one
+                # C-level pass
+                take = recs
+                if take and take[-1][0] > limit:
+                    take = [r for r in take if r[0] <= limit]
+                if take:
+                    nxt = take[-1][0] + 1
+                    bodies = list(map(_BODY, take))
+            else:
+                # topics repeat within a chunk: decide each distinct one once (prefix
+                # and read ACL), so the ACL is still the one in force at this chunk
+                keep: dict[str, bool] = {}     # at most one entry per record of the chunk
+                for seq, t, body in recs:
+                    if seq > limit:
+                        break
+                    if until is not None and t >= until:
+                        done = True
+                        break
+                    nxt = seq + 1
+                    if not topic and readable is None:
                         bodies.append(body)
-                else:
+                        continue
                     rt = record_topic(body)
-                    if rt.startswith(topic) and readable(rt):
+                    ok = keep.get(rt)
+                    if ok is None:
+                        ok = keep[rt] = rt.startswith(topic) and (readable is None or readable(rt))
+                    if ok:
                         bodies.append(body)
             if not recs:
                 done = True   # nothing more in the log (should not happen below durable_seq)

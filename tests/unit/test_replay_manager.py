@@ -230,6 +230,38 @@ def test_gone_when_the_start_was_removed_by_retention() -> None:
     assert [c.start_seq for _r, c, _ in chunks(out)] == [5, 5]
 
 
+def test_retention_during_a_replay_never_serves_past_the_limit() -> None:
+    """Retention moves the log's start past the session's cursor: read() then returns
+    later seqs than asked, and those past to_seq must not be sent."""
+    log = log_of(10)
+    m = mgr()
+    assert m.open(b"r", ReplayRequest(rid=1, from_seq=1, to_seq=4, credit=4), log, now=0.0) is None
+    log.first_seq = 3                                    # 1 and 2 removed meanwhile
+    assert spans(m.pump(log, durable_seq=10, epoch=1, now=0.0, budget=4)) == [(1, 5, True, [3, 4])]
+    m = mgr()
+    assert m.open(b"r", ReplayRequest(rid=2, from_seq=1, to_seq=2, credit=4), log_of(10), now=0.0) is None
+    log.first_seq = 6                                    # everything up to to_seq is gone
+    assert spans(m.pump(log, durable_seq=10, epoch=1, now=0.0, budget=1)) == [(1, 1, False, [])]
+
+
+def test_a_read_acl_filters_even_a_replay_without_a_prefix() -> None:
+    """The unfiltered fast path must not bypass the requester's read ACL, and the ACL
+    in force when each chunk is cut applies (a revocation stops a running replay)."""
+    allowed = {"a/"}
+
+    def readable(topic: str) -> bool:
+        return any(topic.startswith(p) for p in allowed)
+
+    log = log_of(12)
+    m = mgr()
+    assert m.open(b"r", ReplayRequest(rid=1, from_seq=1, credit=1, max_records=6), log, now=0.0,
+                  readable=readable) is None
+    assert spans(m.pump(log, durable_seq=12, epoch=1, now=0.0, budget=4)) == [(1, 7, False, [2, 4, 6])]
+    allowed.clear()                                      # revoked
+    m.credit(b"r", 1, 1, now=0.0)
+    assert spans(m.pump(log, durable_seq=12, epoch=1, now=0.0, budget=4)) == [(7, 13, True, [])]
+
+
 def test_never_gone_when_the_log_starts_at_one_or_is_empty() -> None:
     m = mgr()
     assert m.open(b"r", ReplayRequest(rid=1, from_seq=1), log_of(3), now=0.0) is None

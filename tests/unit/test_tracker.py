@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from orbcast.envelope import Cancel, Credit, Message, ReplayRequest
+from orbcast.errors import RemoteProtocolError
 from plant.tracker import MAX_RETRY_BACKOFF_S, Start, Tracker
 
 
@@ -253,6 +254,28 @@ def test_a_lost_chunk_restarts_the_replay() -> None:
     assert tr.actions() == [req(2, 5, 19)]
 
 
+@pytest.mark.parametrize("start,nxt,records", [
+    (1, 5, msgs(1, 5)),          # a record at next_seq: it would come again in the next chunk
+    (3, 6, msgs(2, 5)),          # a record before start_seq
+    (1, 5, msgs(1, 3) + msgs(7, 7)),
+    (5, 4, []),                  # the cursor would move backwards
+])
+def test_a_chunk_with_records_outside_its_range_is_rejected_and_changes_nothing(
+        start: int, nxt: int, records: list[Message]) -> None:
+    tr = tracker(start=Start.at_seq(1))
+    tr.on_heartbeat(9, 0.0)
+    assert tr.actions() == [req(1, 1, None)]
+    chunk(tr, 1, 1, 3)
+    before = (seqs(tr), tr.next_seq, tr.stats(), tr.deadline(), tr._outstanding)
+    tr.actions()
+    with pytest.raises(RemoteProtocolError):
+        tr.on_chunk(1, start, nxt, 9, False, records, 0.5)
+    assert (seqs(tr), tr.next_seq, tr.stats(), tr.deadline(), tr._outstanding) == before
+    assert tr.actions() == []
+    chunk(tr, 1, 3, 10, done=True, now=0.6)              # the honest chunk still works
+    assert seqs(tr) == list(range(1, 10))
+
+
 # --- flow control -------------------------------------------------------------------------
 
 def test_credit_is_withheld_while_ready_is_full_and_granted_by_consumed() -> None:
@@ -271,6 +294,28 @@ def test_credit_is_withheld_while_ready_is_full_and_granted_by_consumed() -> Non
     assert tr.actions() == [Credit(rid=1, credit=1)]
     chunk(tr, 1, 21, 31)
     assert seqs(tr) == list(range(10, 31))
+
+
+def test_a_replay_paused_by_a_full_ready_queue_does_not_time_out() -> None:
+    """While we withhold all credit the node is silent because of us: no retry, no
+    deadline; once the application drains, credit goes out and the timeout runs again."""
+    tr = tracker(start=Start.at_seq(1), credit=1, chunk_records=10, ready_limit=15,
+                 request_timeout=2.0)
+    tr.on_heartbeat(100, 0.0)
+    assert tr.actions() == [req(1, 1, None, credit=1, max_records=10)]
+    chunk(tr, 1, 1, 11, now=0.5)                          # 10 + 10 > 15: withheld
+    assert tr.actions() == [] and tr.deadline() is None
+    tr.tick(60.0)                                        # long past the request timeout
+    assert tr.actions() == [] and tr.retries == 0
+    for _ in range(5):
+        tr.ready.popleft()
+    tr.consumed(61.0)                                    # 5 < 15 // 2
+    assert tr.actions() == [Credit(rid=1, credit=1)]
+    assert tr.deadline() == 63.0
+    tr.tick(62.9)
+    assert tr.actions() == [] and tr.retries == 0
+    tr.tick(63.0)                                        # the node owes us a chunk now
+    assert tr.retries == 1 and tr.actions() == [Cancel(rid=1)]
 
 
 def test_live_batches_are_dropped_while_ready_is_full_then_replayed() -> None:
