@@ -119,6 +119,8 @@ def build_checks(res: dict[str, Any], big: bool) -> list[dict[str, Any]]:
     add("security on / off, 64 B 2+2 (issue 5)", _get(res, "sec-on", "msg_s"),
         _get(res, "sec-off", "msg_s"), target=0.60, unit="msg/s",
         note="interleaved rounds in the same bench")
+    add("replay with / without link security", _get(res, "sec-replay-on", "records_s"),
+        _get(res, "sec-replay-off", "records_s"), unit="rec/s", note="informative, same log")
     add("handshake + first message p99 (issue 5)", _get(res, "sec-handshake", "p99_ms"), None,
         kind="max", target=20, unit="ms",
         note=f"cleartext PING on a fresh connection: p99 "

@@ -26,7 +26,8 @@ Benchmarks (names for ``--only``):
                at 1 Hz) and bridge-press (mock Button press -> consuming plant), bench/bridge.py
                (each part also runs alone: ha-tput, ha-failover, bridge-idle, bridge-press)
   sec          issue 5: sec-tput (orb-64 with link security vs without, interleaved) and
-               sec-handshake (LINK_HELLO -> sealed PONG on a fresh connection), bench/security.py
+               sec-replay (a whole-log replay, secured vs not) and sec-handshake
+               (LINK_HELLO -> sealed PONG on a fresh connection), bench/security.py
   nofsync      (not in the default set) orb-64 and latency @ 1,000/s with the node's
                --no-fsync, labelled as such: splits fsync cost from Python cost
 
@@ -456,14 +457,15 @@ def _prefill(ctx: Ctx, d: Path, n: int, size: int, name: str) -> dict[str, Any]:
 
 
 def _replay(ctx: Ctx, name: str, d: Path, frm: int, to: int, profile: bool = False,
-            bulk: bool = False) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
+            bulk: bool = False, env: dict[str, str] | None = None,
+            keys: Path | None = None) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
     with Procs(d.parent) as ps:
         t_start = time.perf_counter()
-        node = Node(ps, d, f"{name}-node", ready_timeout=300)
+        node = Node(ps, d, f"{name}-node", ready_timeout=300, env=env)
         start_s = time.perf_counter() - t_start
         cl = ps.worker(f"{name}-client", "replay_client",
                        {"ingress": node.ingress, "data": str(d.parent / "plants"),
-                        "from_seq": frm, "to_seq": to, "bulk": bulk})
+                        "from_seq": frm, "to_seq": to, "bulk": bulk, "keys": keys and str(keys)})
         cl.expect("READY", 60)
         recs = (_profilers(ctx, {f"{name}-node": node.pid, f"{name}-plant": cl.pid})
                 if profile else [])
@@ -621,7 +623,7 @@ BENCHES: dict[str, Callable[[Ctx], None]] = {
     "bridge": bench_bridge_mod.bench_bridge, "bridge-idle": bench_bridge_mod.bench_bridge_idle,
     "bridge-press": bench_bridge_mod.bench_bridge_press,
     "sec": bench_sec_mod.bench_sec, "sec-tput": bench_sec_mod.bench_sec_tput,
-    "sec-handshake": bench_sec_mod.bench_sec_handshake,
+    "sec-handshake": bench_sec_mod.bench_sec_handshake, "sec-replay": bench_sec_mod.bench_sec_replay,
 }
 
 
