@@ -27,7 +27,7 @@ from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import cbor2
 import zmq
@@ -38,12 +38,13 @@ from orbcast.envelope import (Ack, Batch, Error, Heartbeat, Message, Ping, Pong,
                               ReplayChunk, StatusReply, StatusRequest, Welcome, Hello)
 from orbcast.errors import (AuthenticationError, ClosedError, LocalProtocolError, OrbcastTimeout,
                             OutboxFull, RemoteProtocolError, ReplayRejected)
-from orbcast.link import (LINK_KEYS, SEALED_BATCH, SEALED_DOWN, SEALED_HEARTBEAT, SENDER_KEY,
-                          BroadcastReceiver, LinkClient, inner_kind, outer_kind)
 
 from .checkpoint import Checkpointer, CheckpointStore
 from .outbox import Outbox
 from .tracker import Start, Tracker
+
+if TYPE_CHECKING:    # link security is imported only when it is on: `cryptography` costs
+    from orbcast.link import BroadcastReceiver, LinkClient    # ~15 MB of RSS on a Pi
 
 __all__ = ["Plant", "Subscription", "Ticket", "MemoryOutbox", "parse_start"]
 
@@ -462,8 +463,11 @@ class Plant:
     def _setup_link(self, cfg: PlantConfig) -> None:
         """Load the identity and pins (errors surface here, in the caller's
         thread) and restore a saved session."""
+        from orbcast import link as _link
         from orbcast.keys import load_identity, load_pins
         from orbcast.linkstore import SessionStore
+        self._L = _link
+        LinkClient, BroadcastReceiver = _link.LinkClient, _link.BroadcastReceiver
         identity = load_identity(cfg.identity)
         pins = load_pins(cfg.pins)
         self._store = SessionStore(self._data / "links" / cfg.producer_id, fsync=cfg.fsync)
@@ -1152,17 +1156,18 @@ class Plant:
         handle. Raises AuthenticationError for anything that does not open."""
         link = self._link
         assert link is not None and self._bcast is not None
-        kind = outer_kind(frames)
-        if kind == SEALED_DOWN:
+        L = self._L
+        kind = L.outer_kind(frames)
+        if kind == L.SEALED_DOWN:
             node_key, inner = link.open(frames)
-            if inner_kind(inner) == SENDER_KEY:
+            if L.inner_kind(inner) == L.SENDER_KEY:
                 if self._bcast.install(node_key, inner, now=now):
                     self.counters["sender_keys"] += 1
                 return None
             ev = env.decode(inner)
             self._link_backoff = self.cfg.request_timeout_ms / 1000
             return ev
-        if kind == LINK_KEYS:
+        if kind == L.LINK_KEYS:
             try:
                 link.on_keys(frames)          # refuses a node key that is not pinned
             except AuthenticationError as exc:
@@ -1328,6 +1333,7 @@ class Plant:
         sub = self._sub
         subs = self._subs
         bcast = self._bcast
+        L = getattr(self, "_L", None)
         for _ in range(10_000):
             try:
                 frames = sub.recv_multipart(zmq.NOBLOCK)
@@ -1335,11 +1341,11 @@ class Plant:
                 break
             try:
                 if bcast is not None:
-                    kind = outer_kind(frames)
-                    if kind not in (SEALED_BATCH, SEALED_HEARTBEAT):
+                    kind = L.outer_kind(frames)
+                    if kind not in (L.SEALED_BATCH, L.SEALED_HEARTBEAT):
                         self.counters["cleartext_ignored"] += 1    # e.g. a standby's heartbeat
                         continue
-                    if kind == SEALED_BATCH and not subs:
+                    if kind == L.SEALED_BATCH and not subs:
                         self.counters["batches"] += 1    # nobody reads them here: do not open
                         continue
                     try:

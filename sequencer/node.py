@@ -29,7 +29,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 import zmq
@@ -39,14 +39,16 @@ from orbcast.config import SequencerConfig
 from orbcast.envelope import (Admin, Cancel, Credit, Error, Heartbeat, Hello, Ping, Pong, Publish,
                               ReplayRequest, StatusReply, StatusRequest, Welcome)
 from orbcast.errors import AuthenticationError, DurabilityError, LogCorruptedError, RemoteProtocolError
-from orbcast.link import KEY_REQUEST, LINK_HELLO, LINK_INIT, SEALED_UP, Peer, inner_kind, outer_kind
 from orbcast.sdnotify import Notifier
 
 from . import peer as peerlink
 from .core import DedupTable, SequencerCore
 from .ha import HaCore, Input, ReplState, Role
 from .log import LogStore
-from .security import NodeSecurity, key_epoch_start
+
+if TYPE_CHECKING:    # link security is imported only when it is on: `cryptography`
+    from orbcast.link import Peer    # costs a node ~15 MB of RSS, a lot on a Pi
+    from .security import NodeSecurity
 
 __all__ = ["SequencerNode", "run"]
 
@@ -112,6 +114,9 @@ class SequencerNode:
         # link security (docs/security.md): None means security = "none"
         self.sec: NodeSecurity | None = None
         if cfg.security == "ratchet":
+            from orbcast import link as _link
+            from .security import NodeSecurity
+            self._L = _link
             self.sec = NodeSecurity(cfg, self.data, self.counters)
         self._out: list[list[bytes]] = []      # sealed ingress frames, sent after the state is durable
         self._peer: Peer | None = None         # who sent the request being handled (sealed)
@@ -291,6 +296,7 @@ class SequencerNode:
             epochs.append([self.ha.epoch, self.log.last_seq + 1])
         if self.sec is not None:
             # a node never continues an earlier chain (its own or the other node's)
+            from .security import key_epoch_start
             ke = key_epoch_start(int(self.state.get("key_epoch", 0)), time.time())
             self.state["key_epoch"] = ke
             self.sec.start_broadcast(ke, now)
@@ -446,13 +452,14 @@ class SequencerNode:
         Returns the request to handle, or None if nothing is left to do."""
         sec = self.sec
         assert sec is not None
-        kind = outer_kind(frames)
-        if kind == LINK_HELLO:
+        L = self._L
+        kind = L.outer_kind(frames)
+        if kind == L.LINK_HELLO:
             self._send_clear(route, sec.server.keys_reply(frames))
             return None
         if kind == env.Kind.PING:
             return env.decode(frames)
-        if kind not in (LINK_INIT, SEALED_UP):
+        if kind not in (L.LINK_INIT, L.SEALED_UP):
             raise AuthenticationError("link security is on: send LINK_HELLO, then sealed requests")
         try:
             peer, inner = sec.server.open(frames)
@@ -462,7 +469,7 @@ class SequencerNode:
         sec.note_route(route, peer)
         self._peer = peer
         key_msg = sec.sender_key_for(peer)          # a new session (or a new key-epoch)
-        if inner_kind(inner) == KEY_REQUEST:
+        if L.inner_kind(inner) == L.KEY_REQUEST:
             if key_msg is None:
                 sec.keyed.pop(peer.sid, None)        # the plant lost it: hand it again
                 key_msg = sec.sender_key_for(peer)

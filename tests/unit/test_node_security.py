@@ -66,3 +66,15 @@ def test_sealing_for_an_unknown_route_drops_the_reply(sec: S.NodeSecurity) -> No
 def test_key_epochs_never_repeat(saved: int, wall: float, want: int) -> None:
     assert S.key_epoch_start(saved, wall) == want
     assert S.key_epoch_start(saved, wall) > saved
+
+
+def test_without_link_security_nothing_loads_cryptography() -> None:
+    """`cryptography` costs ~15 MB of RSS (the node's budget serving a 1 GB log is
+    40 MB): the drivers import the link layer only when security is on."""
+    import subprocess
+    import sys
+    code = ("import sys, sequencer.node, sequencer.cli, plant.client, firmware_bridge.bridge\n"
+            "assert 'cryptography' not in sys.modules, sorted(m for m in sys.modules if 'crypt' in m)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
