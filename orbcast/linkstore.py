@@ -24,9 +24,11 @@ File format (``DIR/sessions.journal``), all integers big-endian::
 Replaying the records in order gives the latest blob of every session. A
 torn tail (a crash mid-append) is cut off on open: those records were never
 committed, so no frame was sent under them. A damaged record in the middle
-(a bad CRC, a length that makes no sense) ends the replay there: sessions
-are cheap to re-create with a new handshake, so the store keeps what came
-before and reports the damage (``damaged_at``) instead of guessing.
+(a bad CRC, a length that makes no sense) ends the replay there, and then the
+store keeps *no* session at all: a blob before the damage may be older than a
+state frames were already sealed under, and restoring it would seal new frames
+with message keys and nonces already used. Sessions are cheap to re-create
+with a new handshake; ``damaged_at`` says where the damage was.
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ class SessionStore:
             pos = end
         if pos < len(data):
             os.truncate(self.path, pos)
+        if self.damaged_at is not None:     # see the module docstring: keep nothing
+            self._latest.clear()
+            write_private_file(self.path, _HEADER)
+            pos = len(_HEADER)
         self._live_bytes = sum(len(b) + 64 for b in self._latest.values())
         return pos
 
@@ -166,8 +172,17 @@ class SessionStore:
             parts.append(_REC.pack(len(payload), zlib.crc32(payload)))
             parts.append(payload)
         buf = b"".join(parts)
-        self._write(buf)
-        self._sync()
+        try:
+            self._write(buf)
+            self._sync()
+        except BaseException:
+            # a short write (ENOSPC) must not leave a partial record that a later
+            # commit appends after: the next open would stop at it. Cut it.
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                pass
+            raise
         self._size += len(buf)
         n = len(self._pending)
         for name, blob in self._pending.items():

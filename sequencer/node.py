@@ -123,6 +123,7 @@ class SequencerNode:
         self._reload_requested = False
         self._sec_gc_at = 0.0
         self._keys_queued = False              # a SENDER_KEY waits in _out
+        self._durability_failed = False
         self.log = LogStore(self.data / "log", retention_days=cfg.retention_days, fsync=cfg.fsync)
         for p in self.log.torn_tails:
             log.warning("recovered a torn log tail; the cut bytes were kept in %s", p)
@@ -664,6 +665,7 @@ class SequencerNode:
         try:
             self.sec.flush()      # type: ignore[union-attr]
         except OSError as exc:
+            self._durability_failed = True      # never send what was sealed under it
             raise DurabilityError(f"cannot persist link session state: {exc}") from exc
         send = self.ingress.send_multipart
         for frames in out:
@@ -1084,7 +1086,7 @@ class SequencerNode:
             if self.core is not None and self.core.has_unwritten:
                 self._commit()
             self._snapshot_dedup()
-            if self.sec is not None:
+            if self.sec is not None and not self._durability_failed:
                 self._flush_out()
         finally:
             if self.sec is not None:

@@ -69,7 +69,9 @@ def test_a_torn_last_record_is_cut_at_every_offset(tmp_path: Path) -> None:
         assert SessionStore(tmp_path).load() == {"aaaa": b"x" * 50, "cccc": b"z"}, cut
 
 
-def test_damage_in_the_middle_keeps_what_came_before_and_says_where(tmp_path: Path) -> None:
+def test_damage_in_the_middle_drops_every_session_and_says_where(tmp_path: Path) -> None:
+    """A blob before the damage may predate states frames were sealed under:
+    restoring it would reuse message keys and nonces, so nothing is restored."""
     s = SessionStore(tmp_path)
     for name in ("aaaa", "bbbb", "cccc"):
         s.put(name, name.encode() * 10)
@@ -81,8 +83,13 @@ def test_damage_in_the_middle_keeps_what_came_before_and_says_where(tmp_path: Pa
     data[second + 8 + 7] ^= 0xFF                       # a byte inside the second payload
     path.write_bytes(bytes(data))
     r = SessionStore(tmp_path)
-    assert r.load() == {"aaaa": b"aaaa" * 10}
+    assert r.load() == {}
     assert r.damaged_at == second
+    r.put("dddd", b"new")                 # and the store works on, from a clean file
+    r.commit()
+    r.close()
+    again = SessionStore(tmp_path)
+    assert again.load() == {"dddd": b"new"} and again.damaged_at is None
 
 
 def test_a_file_that_is_not_a_journal_is_replaced_not_trusted(tmp_path: Path) -> None:
@@ -118,3 +125,28 @@ def test_bad_names_are_refused_without_staging(tmp_path: Path, name: str) -> Non
     with pytest.raises(ValueError):
         s.put(name, b"1")
     assert not s.dirty
+
+
+def test_a_failed_append_leaves_no_partial_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC after a short write: the commit fails, the bytes it wrote are cut,
+    and a later commit lands right after the last good record."""
+    s = SessionStore(tmp_path)
+    s.put("aaaa", b"state-1")
+    s.commit()
+    real_write = os.write
+    calls = {"n": 0}
+
+    def short_then_full(fd: int, data: object) -> int:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_write(fd, bytes(data)[:5])      # type: ignore[call-overload]
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(linkstore.os, "write", short_then_full)
+    s.put("aaaa", b"state-2")
+    with pytest.raises(OSError):
+        s.commit()
+    monkeypatch.setattr(linkstore.os, "write", real_write)
+    s.commit()                                            # the retry
+    s.close()
+    r = SessionStore(tmp_path)
+    assert r.damaged_at is None and r.load() == {"aaaa": b"state-2"}
