@@ -446,6 +446,7 @@ class Plant:
         self._link: LinkClient | None = None
         self._bcast: BroadcastReceiver | None = None
         self._txq: list[list[bytes]] = []      # sealed frames, sent once the session state is durable
+        self._solo: set[int] = set()            # pseqs sent one per frame (their frame was refused)
         self._link_hello_at = 0.0
         self._link_backoff = cfg.request_timeout_ms / 1000
         self._ping_at = 0.0
@@ -975,11 +976,20 @@ class Plant:
             entries = []              # (topic, payload) as the outbox holds them
             pseqs = []
             size = 0
+            solo = self._solo
             while unsent and len(pseqs) < MAX_FRAME_ITEMS and size < MAX_FRAME_BYTES:
                 ps = popleft()
                 ent = get(ps)
                 if ent is None:      # acked meanwhile (a late ack of a resend)
+                    solo.discard(ps)
                     continue
+                if solo and ps in solo:
+                    if pseqs:        # it goes in a frame of its own, next
+                        unsent.appendleft(ps)
+                        break
+                    entries.append(ent)
+                    pseqs.append(ps)
+                    break
                 entries.append(ent)
                 pseqs.append(ps)
                 size += len(ent[1]) + len(ent[0])
@@ -1241,6 +1251,8 @@ class Plant:
                 if t._callbacks:
                     t._finish()
         self._out_box.ack(acked)
+        if self._solo:
+            self._solo.difference_update(acked)
         self.counters["acked"] += len(acked)
         if fl is not None:
             self._backoff = self.cfg.request_timeout_ms / 1000
@@ -1306,8 +1318,16 @@ class Plant:
             return
         if ev.rid in self._inflight:
             pseqs, _dl, _n = self._inflight.pop(ev.rid)
+            if ev.code in ("bad-frame", "too-large", "forbidden") and len(pseqs) > 1:
+                # the node refuses a frame as a whole: one message it will never
+                # take (a topic outside our publish ACL, say) must not fail the
+                # others packed with it. Send each alone; fail only what is refused so.
+                self._solo.update(pseqs)
+                self._unsent.extendleft(sorted(pseqs, reverse=True))
+                return
             if ev.code in ("bad-frame", "too-large", "forbidden"):
                 # the node will never take these: fail them instead of looping
+                self._solo.difference_update(pseqs)
                 self.counters["rejected"] += len(pseqs)
                 exc = RemoteProtocolError(f"sequencer rejected the message: {ev.message}", code=ev.code)
                 for p in pseqs:

@@ -178,6 +178,27 @@ def test_a_narrow_reader_follows_the_live_stream_over_its_link(tmp_path: Path, n
         assert w._bcast is not None and w._bcast.key_epoch is not None  # the writer reads all
 
 
+def test_one_forbidden_topic_does_not_fail_the_messages_packed_with_it(tmp_path: Path, node_factory,
+                                                                      keyring: Keyring) -> None:
+    """Publishes are coalesced into frames and the node refuses a frame as a whole:
+    the plant then sends the frame's messages one by one, so only the message
+    outside its publish prefixes fails; the others are sequenced, in order."""
+    node = node_factory().start()
+    with plant(keyring, node, tmp_path, "p", publish=["x/"], read=[]) as p:
+        tickets = [p.publish_nowait("y/not-mine" if i == 50 else "x/ok", b"%d" % i) for i in range(100)]
+        for i, t in enumerate(tickets):
+            if i == 50:
+                with pytest.raises(Exception) as ei:
+                    t.result(timeout=10)
+                assert "may not publish" in str(ei.value)
+            else:
+                t.result(timeout=10)
+        seqs = [t.seq for i, t in enumerate(tickets) if i != 50]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 99 and p.outbox_depth == 0
+        assert not p._solo                      # bounded: nothing left marked
+    assert node.status()["counters"]["sequenced"] == 99
+
+
 def test_bad_input_never_kills_the_node_nor_changes_its_sessions(tmp_path: Path, node_factory,
                                                                  keyring: Keyring) -> None:
     """Cleartext requests, garbage, unknown sessions, an unlisted key, a
