@@ -61,6 +61,12 @@ MAX_FRAME_BYTES = 512 * 1024
 MAX_SUBMIT_QUEUE = 65_536
 #: Ceiling of the exponential resend backoff.
 MAX_RESEND_BACKOFF_S = 10.0
+#: Link security, a plant that follows the live stream over its link (no broadcast
+#: key): one PING per this many heartbeat periods. Each PING costs an fsync of the
+#: session on both ends, so not every heartbeat: 2 x 100 ms adds at most 200 ms.
+FOLLOW_HEARTBEATS = 2
+#: After the node said "no-key", the plant does not ask for a key again for this long.
+NO_KEY_RETRY_S = 60.0
 #: Engine poll ceiling: timers are checked at least this often.
 ENGINE_TICK_S = 0.05
 #: pyzmq 27's flags are enum.Flag members: combining them in send_multipart
@@ -451,6 +457,9 @@ class Plant:
         self._link_backoff = cfg.request_timeout_ms / 1000
         self._ping_at = 0.0
         self._persist_at = 0.0
+        self._egress_ok_at = 0.0               # last time a sealed broadcast opened
+        self._switched_at = 0.0                # last _switch to another node
+        self._no_key_until = 0.0               # the node said "no-key": do not ask before
         self._auth_log_at = 0.0
         if cfg.security == "ratchet":
             self._setup_link(cfg)
@@ -1067,11 +1076,11 @@ class Plant:
             # its read prefixes). A publish-only plant pings only to keep the active
             # node's liveness for failover.
             node = self._node
-            if (node is not None and self._bcast.key_epoch is None and self._link is not None
-                    and self._link.answered and now >= self._ping_at):
+            if (node is not None and self._link is not None and self._link.answered
+                    and now >= self._ping_at and self._following(now)):
                 period = 0.0
                 if self._subs:
-                    period = max(node.heartbeat_ms, 10) / 1000
+                    period = FOLLOW_HEARTBEATS * max(node.heartbeat_ms, 10) / 1000
                 elif self._failover_s and now - self._active_seen > self._failover_s / 3:
                     period = self._failover_s / 3
                 if period:
@@ -1097,6 +1106,7 @@ class Plant:
             return
         log.info("switching to sequencer node %s", ep)
         self._current_ep = ep
+        self._switched_at = now
         if ep not in self._known_eps:
             self._known_eps.append(ep)
         self._node = None
@@ -1137,6 +1147,8 @@ class Plant:
     def _drain_dealer(self, now: float) -> None:
         d = self._dealer
         for _ in range(10_000):
+            if self._dealer is not d:
+                break                 # a reply made us switch nodes: that socket is closed
             try:
                 frames = d.recv_multipart(zmq.NOBLOCK)  # type: ignore[union-attr]
             except zmq.Again:
@@ -1173,6 +1185,8 @@ class Plant:
             if L.inner_kind(inner) == L.SENDER_KEY:
                 if self._bcast.install(node_key, inner, now=now):
                     self.counters["sender_keys"] += 1
+                    self._egress_ok_at = now
+                    self._no_key_until = 0.0
                 return None
             ev = env.decode(inner)
             self._link_backoff = self.cfg.request_timeout_ms / 1000
@@ -1189,7 +1203,9 @@ class Plant:
             ev = env.decode(frames)
             if ev.code == "auth":            # cleartext: only a hint that our session is gone
                 self.counters["auth_failed"] += 1
-                if link.answered or link.established:
+                # the node names the refused session in rid: a late error about a
+                # session we already replaced must not kill the new one
+                if (link.answered or link.established) and ev.rid in (0, link.sid):
                     self._relink(now, ev.message)
                 return None
         self.counters["cleartext_ignored"] += 1
@@ -1216,8 +1232,8 @@ class Plant:
             self._on_welcome(ev, now)
         elif t is Pong:
             if ev.role == "active" and ev.epoch >= self._max_epoch and self._link is not None:
-                self._active_seen = now        # link liveness for plants without the broadcast key
-                if self._bcast is not None and self._bcast.key_epoch is None:
+                self._active_seen = now        # link liveness while egress does not open
+                if self._following(now):
                     for s in self._subs:       # the tail, as a heartbeat would tell it
                         s.tracker.on_heartbeat(ev.last_seq, now)
             req = self._requests.pop(ev.rid, None)
@@ -1275,9 +1291,18 @@ class Plant:
                 # SUB is already connected to both nodes when a failover comes
                 self._rehello_at = now + 0.5
         if ev.role != "active":
-            # a standby (or a node still starting): publish to the active one
-            if ev.peer_ingress and ev.peer_ingress != self._current_ep and not self._failover_due(now):
-                self._switch(ev.peer_ingress, now)
+            # a standby (or a node still starting): publish to the active one --
+            # unless we came here to vote because the active one went silent. A
+            # standby that has not promoted within a few failover timeouts of our
+            # vote still hears its active node, so it is alive: go back and see
+            # (with link security a stale broadcast key can make a live node look
+            # silent to us; a fresh session there gets a fresh key)
+            if ev.peer_ingress and ev.peer_ingress != self._current_ep:
+                if not self._failover_due(now):
+                    self._switch(ev.peer_ingress, now)
+                elif now - self._switched_at > self._probe_back_s():
+                    self._active_seen = now    # give it one failover timeout to answer
+                    self._switch(ev.peer_ingress, now)
             return
         if ev.epoch < self._max_epoch:
             return
@@ -1302,7 +1327,31 @@ class Plant:
     def _failover_due(self, now: float) -> bool:
         return bool(self._failover_s) and now - self._active_seen > self._failover_s
 
+    def _probe_back_s(self) -> float:
+        """How long a vote at a standby may stay unanswered by a promotion."""
+        return max(3 * self._failover_s, 1.0)
+
+    def _following(self, now: float) -> bool:
+        """Link security: True while egress does not open for us (no broadcast key,
+        none to be had, or none that opened lately): take the tail and liveness
+        from the link (PING) instead, so a stale key never leaves us deaf."""
+        b = self._bcast
+        if b is None:
+            return False
+        if b.key_epoch is None:
+            return True
+        hb = (self._node.heartbeat_ms if self._node is not None else 100) / 1000
+        return now - self._egress_ok_at > max(3 * hb, 0.3)
+
     def _on_error(self, ev: Error, now: float) -> None:
+        if ev.code == "no-key" and self._link is not None:
+            # the node will not hand us the broadcast key (our read ACL is narrower
+            # than everything): forget a stale one, stop asking for a while, follow
+            # the stream over the link
+            self._bcast = self._L.BroadcastReceiver()
+            self._no_key_until = now + NO_KEY_RETRY_S
+            self.counters["no_key"] = self.counters.get("no_key", 0) + 1
+            return
         if ev.code == "not-active":
             # the node we talk to is a standby: retry on the other node
             self._node = None
@@ -1368,6 +1417,8 @@ class Plant:
                     if kind == L.SEALED_BATCH and not subs:
                         self.counters["batches"] += 1    # nobody reads them here: do not open
                         continue
+                    if now < self._no_key_until:
+                        continue                   # the node said we get no key
                     try:
                         frames = bcast.open(frames, now=now)
                     except AuthenticationError:
@@ -1376,6 +1427,7 @@ class Plant:
                         if req is not None and self._tx(req):
                             self.counters["key_requests"] += 1
                         continue
+                    self._egress_ok_at = now
                 ev = env.decode(frames)
                 if type(ev) is Batch:
                     self.counters["batches"] += 1

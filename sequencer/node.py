@@ -477,6 +477,12 @@ class SequencerNode:
             if key_msg is not None:
                 self._out.append([route, *key_msg])
                 self._keys_queued = True
+            elif self.core is None:                  # a standby has no broadcast key
+                self._not_active(route, _inner_rid(inner))
+            else:                                    # always an answer: never leave it waiting
+                self._send(route, Error(rid=_inner_rid(inner), code="no-key",
+                                        message="this plant may not read every topic, so it gets "
+                                                "no broadcast key: follow the stream over the link"))
             return None
         if key_msg is not None:
             self._out.append([route, *key_msg])
@@ -686,7 +692,9 @@ class SequencerNode:
             except RemoteProtocolError:
                 pass
         if isinstance(exc, AuthenticationError):
-            rid = 0                    # a sealed head carries a session id, not a request id
+            # name the refused session (LINK_INIT / SEALED_UP heads carry its id), so a
+            # plant can tell a late error about an old session from one about its own
+            rid = _outer_sid(frames)
             self._peer = None          # never answer a failed authentication under a session
         try:
             self._send(route, Error(rid=rid, code=exc.code, message=str(exc)))
@@ -1108,6 +1116,18 @@ def _inner_rid(inner: list[bytes]) -> int:
     except Exception:               # a malformed head: the error goes out with rid 0
         return 0
     if type(h) is list and len(h) > 2 and type(h[2]) is int and 0 <= h[2] < 2 ** 63:
+        return int(h[2])
+    return 0
+
+
+def _outer_sid(frames: list[bytes]) -> int:
+    """The session id in a sealed request's cleartext head ``[1, 10|11, sid]``, else 0."""
+    try:
+        h = cbor2.loads(frames[1]) if len(frames) > 1 and len(frames[1]) <= 64 else None
+    except Exception:
+        return 0
+    if (type(h) is list and len(h) == 3 and h[1] in (10, 11) and type(h[2]) is int
+            and 0 <= h[2] < 2 ** 63):
         return int(h[2])
     return 0
 

@@ -28,10 +28,18 @@ ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A random loopback port in 20000-32000 that is free right now."""
+    """A random loopback port in 20000-32000 that is free right now and was not
+    handed out before in this run (a node takes four at once: two picks of the
+    same free port would collide when the second bind comes)."""
     for _ in range(200):
         port = random.randint(20000, 32000)
+        if port in _GIVEN:
+            continue
+        _GIVEN.add(port)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

@@ -199,6 +199,76 @@ def test_one_forbidden_topic_does_not_fail_the_messages_packed_with_it(tmp_path:
     assert node.status()["counters"]["sequenced"] == 99
 
 
+def test_a_reader_narrowed_while_running_keeps_delivering_its_topics(tmp_path: Path, node_factory,
+                                                                     keyring: Keyring) -> None:
+    """A plant that held the broadcast key is narrowed to x/ by a reload: the key
+    rotates away from it, the node answers its KEY_REQUEST with "no-key", and it
+    goes on delivering every x/ message (and no other) over its link."""
+    node = node_factory().start()
+    with plant(keyring, node, tmp_path, "writer") as w, plant(keyring, node, tmp_path, "r") as r:
+        sub = r.subscribe("", start=1)
+        s1 = w.publish("y/before", b"readable then", timeout=10)
+        assert drain(sub, s1)[-1].topic == "y/before"
+        keyring.plant("r", read=["x/"])          # reload over the control endpoint
+        want = []
+        for i in range(60):
+            t = w.publish_nowait("x/a" if i % 2 else "y/secret", b"%d" % i)
+            if i % 2:
+                want.append(t)
+        w.flush(20)
+        want_seqs = [t.result(10) for t in want]
+        got = []
+        while not got or got[-1].seq < want_seqs[-1]:
+            got.append(sub.get(timeout=10))
+        assert [m.seq for m in got] == want_seqs and {m.topic for m in got} == {"x/a"}
+        assert r.counters.get("no_key", 0) >= 1
+    assert node.status()["counters"]["key_rotations"] >= 2
+
+
+def test_a_plant_cut_off_while_the_key_rotates_finds_its_way_back(tmp_path: Path, node_factory,
+                                                                   keyring: Keyring) -> None:
+    """A plant hears nothing for longer than the failover timeout while the active
+    node rotates its broadcast key: it votes at the standby, where it can never
+    open the active node's egress again with its old key. It must come back to
+    the live active node (a new session, a new key) instead of staying stranded."""
+    from tests.integration.test_failover import start_pair
+    a, b = start_pair(node_factory)
+    keyring.plant("z")                       # another reader, narrowed below to force a rotation
+    key = keyring.plant("r")
+    cfg = PlantConfig(sequencers=[a.ingress, b.ingress], producer_id="r", data=str(tmp_path / "plant-r"),
+                      security="ratchet", identity=str(key), pins=str(keyring.pins), request_timeout_ms=300)
+    with Plant(cfg) as r:
+        sub = r.subscribe("", start=1)
+        s1 = r.publish("x/a", b"one", timeout=10)
+        wait_for(lambda: r._bcast is not None and r._bcast.key_epoch is not None
+                 and len(r._known_eps) > 1 and r._failover_s > 0, 10, "the key and the standby")
+        cut = {"on": True}                   # fault injection: everything the plant receives is lost
+        for name in ("_drain_sub", "_drain_dealer"):
+            orig = getattr(r, name)
+
+            def deaf(now: float, orig=orig, name=name) -> None:  # type: ignore[no-untyped-def]
+                if not cut["on"]:
+                    return orig(now)
+                s = r._sub if name == "_drain_sub" else r._dealer
+                try:
+                    while True:
+                        s.recv_multipart(zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    return
+            setattr(r, name, deaf)
+        keyring.plants["z"] = (keyring.plants["z"][0], [""], ["x/"])
+        keyring._write()
+        a.admin("reload")                    # a rotates its key while r hears nothing
+        wait_for(lambda: r._current_ep == b.ingress, 10, "the plant to vote at the standby")
+        cut["on"] = False
+        s2 = r.publish("x/a", b"after", timeout=20)
+        assert s2 == s1 + 1
+        assert [m.seq for m in drain(sub, s2)] == [s1, s2]
+        wait_for(lambda: r._current_ep == a.ingress, 10, "the plant to be back at the active node")
+        assert r.counters["sender_keys"] >= 2       # a new session, a new key
+    assert a.status()["role"] == "active" and b.status()["role"] == "standby"
+
+
 def test_bad_input_never_kills_the_node_nor_changes_its_sessions(tmp_path: Path, node_factory,
                                                                  keyring: Keyring) -> None:
     """Cleartext requests, garbage, unknown sessions, an unlisted key, a
