@@ -33,16 +33,22 @@ with a new handshake; ``damaged_at`` says where the damage was.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import struct
 import zlib
 from pathlib import Path
 
+from .errors import ConfigError
 from .keys import write_private_file
 
 __all__ = ["SessionStore", "JOURNAL_NAME"]
 
 JOURNAL_NAME = "sessions.journal"
+#: Held with flock while a store is open: two processes sharing one journal would
+#: each delete the other's sessions and could restore states older than sent frames.
+LOCK_NAME = "sessions.lock"
 MAGIC = b"ORSJ"
 VERSION = 1
 _HEADER = MAGIC + bytes([VERSION])
@@ -75,6 +81,15 @@ class SessionStore:
         self.dir = Path(directory)
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
+        self._lock = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError("link sessions are already in use by another process (same "
+                                  "data directory and identity)", source=str(self.dir)) from exc
+            raise
         self.path = self.dir / JOURNAL_NAME
         self.fsync = fsync
         self._latest: dict[str, bytes] = {}
@@ -230,3 +245,4 @@ class SessionStore:
         finally:
             os.close(self._fd)
             self._fd = -1
+            os.close(self._lock)          # releases the flock

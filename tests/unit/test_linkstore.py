@@ -12,6 +12,12 @@ from orbcast import linkstore
 from orbcast.linkstore import JOURNAL_NAME, SessionStore
 
 
+def _die(store: SessionStore) -> None:
+    """What a kill -9 leaves: the files as they are, the flock released by the kernel."""
+    os.close(store._fd)
+    os.close(store._lock)
+
+
 def test_committed_blobs_survive_a_reopen_and_deletes_stick(tmp_path: Path) -> None:
     s = SessionStore(tmp_path / "links")
     s.put("aaaa", b"one")
@@ -32,6 +38,7 @@ def test_staged_but_uncommitted_blobs_are_not_durable(tmp_path: Path) -> None:
     s.commit()
     s.put("aaaa", b"staged only")       # the process dies here: nothing was sent under it
     assert s.dirty
+    _die(s)
     crashed_view = SessionStore(tmp_path)
     assert crashed_view.load() == {"aaaa": b"committed"}
 
@@ -66,7 +73,9 @@ def test_a_torn_last_record_is_cut_at_every_offset(tmp_path: Path) -> None:
         r.put("cccc", b"z")
         r.commit()                                    # and appending goes on cleanly
         r.close()
-        assert SessionStore(tmp_path).load() == {"aaaa": b"x" * 50, "cccc": b"z"}, cut
+        again = SessionStore(tmp_path)
+        assert again.load() == {"aaaa": b"x" * 50, "cccc": b"z"}, cut
+        again.close()
 
 
 def test_damage_in_the_middle_drops_every_session_and_says_where(tmp_path: Path) -> None:
@@ -98,6 +107,7 @@ def test_a_file_that_is_not_a_journal_is_replaced_not_trusted(tmp_path: Path) ->
     assert r.load() == {} and r.damaged_at == 0
     r.put("aaaa", b"1")
     r.commit()
+    r.close()
     assert SessionStore(tmp_path).load() == {"aaaa": b"1"}
 
 
@@ -150,3 +160,14 @@ def test_a_failed_append_leaves_no_partial_record(tmp_path: Path, monkeypatch: p
     s.close()
     r = SessionStore(tmp_path)
     assert r.damaged_at is None and r.load() == {"aaaa": b"state-2"}
+
+
+def test_one_process_at_a_time(tmp_path: Path) -> None:
+    """Two stores on one journal would delete each other's sessions: refused."""
+    from orbcast.errors import ConfigError
+    a = SessionStore(tmp_path)
+    with pytest.raises(ConfigError) as ei:
+        SessionStore(tmp_path)
+    assert "in use" in str(ei.value)
+    a.close()
+    SessionStore(tmp_path).close()       # free again once closed
