@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .proc import PY, BenchFailure, Procs, proc_cpu_s, proc_status_kb
+from .proc import PY, BenchFailure, Procs, proc_cpu_s, proc_status_kb, run_parts
 
 __all__ = [
     "CFG_FULL",
@@ -256,12 +256,4 @@ def bench_bridge_press(ctx: Any) -> None:
 
 
 def bench_bridge(ctx: Any) -> None:
-    failures: list[str] = []
-    for fn in (bench_bridge_idle, bench_bridge_press):
-        try:
-            fn(ctx)
-        except BenchFailure as exc:
-            failures.append(str(exc))
-            _log(f"{fn.__name__} FAILED: {str(exc).splitlines()[0]}")
-    if failures:
-        raise BenchFailure("; ".join(failures))
+    run_parts(ctx, (bench_bridge_idle, bench_bridge_press))

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .proc import PY, BenchFailure, Procs, free_ports, proc_cpu_s, proc_status_kb
+from .proc import PY, BenchFailure, Procs, free_ports, proc_cpu_s, proc_status_kb, run_parts
 
 __all__ = [
     "CFG_FULL",
@@ -400,12 +400,4 @@ def bench_ha_tput(ctx: Any) -> None:
 
 def bench_ha(ctx: Any) -> None:
     """Both: the throughput pair first, then the failover rounds."""
-    failures: list[str] = []
-    for fn in (bench_ha_tput, bench_ha_failover):
-        try:
-            fn(ctx)
-        except BenchFailure as exc:
-            failures.append(str(exc))
-            _log(f"{fn.__name__} FAILED: {str(exc).splitlines()[0]}")
-    if failures:
-        raise BenchFailure("; ".join(failures))
+    run_parts(ctx, (bench_ha_tput, bench_ha_failover))

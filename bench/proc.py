@@ -25,11 +25,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["Proc", "Procs", "BenchFailure", "free_ports", "proc_status_kb", "proc_cpu_s", "PY",
-           "machine_busy", "wait_quiet"]
+           "machine_busy", "wait_quiet", "run_parts"]
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
@@ -274,3 +275,17 @@ class Procs:
                 pass
             p.close()
         self.all.clear()
+
+
+def run_parts(ctx: Any, parts: Sequence[Callable[[Any], None]]) -> None:
+    """Run a benchmark's parts in order; a part that fails does not stop the
+    others, and the failures are raised together at the end."""
+    failures: list[str] = []
+    for fn in parts:
+        try:
+            fn(ctx)
+        except BenchFailure as exc:
+            failures.append(str(exc))
+            print(f"[bench] {fn.__name__} FAILED: {str(exc).splitlines()[0]}", flush=True)
+    if failures:
+        raise BenchFailure("; ".join(failures))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .proc import BenchFailure, Procs
+from .proc import BenchFailure, Procs, run_parts
 
 #: Handshake round trips measured (each on a fresh DEALER and a fresh session).
 HANDSHAKES = 200
@@ -171,12 +171,4 @@ def bench_sec_handshake(ctx: Any) -> None:
 
 
 def bench_sec(ctx: Any) -> None:
-    failures = []
-    for fn in (bench_sec_tput, bench_sec_replay, bench_sec_handshake):
-        try:
-            fn(ctx)
-        except BenchFailure as exc:
-            failures.append(str(exc))
-            _log(f"{fn.__name__} FAILED: {str(exc).splitlines()[0]}")
-    if failures:
-        raise BenchFailure("; ".join(failures))
+    run_parts(ctx, (bench_sec_tput, bench_sec_replay, bench_sec_handshake))
