@@ -559,6 +559,14 @@ _ITEM_TAILS: dict[tuple[str, int], bytes] = {}
 _ITEM_TAILS_MAX = 4096
 
 
+def _new_tail(topic: str, n: int) -> bytes:
+    """Encode and cache the ``topic, bstr head`` tail of an item (bounded cache)."""
+    if len(_ITEM_TAILS) >= _ITEM_TAILS_MAX:
+        _ITEM_TAILS.clear()
+    tail = _ITEM_TAILS[(topic, n)] = cbor_text(topic) + _str_head(0x40, n)
+    return tail
+
+
 def publish_body(producer: str, items: Sequence[tuple[int, str, bytes]]) -> bytes:
     """Frame 1 of a PUBLISH: ``[producer, [[pseq, topic, payload], ...]]``.
 
@@ -594,12 +602,7 @@ def publish_body_of(producer: str, pseqs: Sequence[int],
     for pseq, (topic, payload) in zip(pseqs, entries):
         n = len(payload)
         if n != ln or topic is not lt or not lo <= pseq < hi:
-            key = (topic, n)
-            tail = tails.get(key)  # type: ignore[assignment]
-            if tail is None:
-                if len(tails) >= _ITEM_TAILS_MAX:
-                    tails.clear()
-                tail = tails[key] = cbor_text(topic) + _str_head(0x40, n)
+            tail = tails.get((topic, n)) or _new_tail(topic, n)
             lt, ln = topic, n
             if pseq < 24:                      # a producer's first 23: not cached
                 lo = hi = 0
@@ -655,12 +658,7 @@ def encode_records(first_seq: int, epoch: int, time: int, producer: bytes,
     for pseq, topic, payload in items:
         n = len(payload)
         if n != ln or topic is not lt:
-            key = (topic, n)
-            tail = tails.get(key)  # type: ignore[assignment]
-            if tail is None:
-                if len(tails) >= _ITEM_TAILS_MAX:
-                    tails.clear()
-                tail = tails[key] = cbor_text(topic) + _str_head(0x40, n)
+            tail = tails.get((topic, n)) or _new_tail(topic, n)
             lt, ln = topic, n
             pack = _packer(f">BBQ{m}sBQ{len(tail)}s{n}s")
         ap(pack(0x87, 0x1B, seq, mid, 0x1B, pseq, tail, payload))

@@ -37,7 +37,7 @@ import zmq
 from orbcast.config import SequencerConfig
 from orbcast.errors import AuthenticationError, LocalProtocolError
 from orbcast.keys import Allowlist, fingerprint, load_allowlist, load_identity, parse_public
-from orbcast.link import BroadcastSender, LinkServer, Peer, filter_readable, publish_refusal
+from orbcast.link import BroadcastSender, LinkServer, Peer, publish_refusal
 from orbcast.linkstore import SessionStore
 
 __all__ = ["NodeSecurity", "key_epoch_start", "KEY_EPOCH_BASE"]
@@ -142,9 +142,6 @@ class NodeSecurity:
             e = server.allowlist.lookup(key)
             return e is not None and e.may_read(topic)
         return may_read
-
-    def filter(self, key: bytes, records: list[Any]) -> list[Any]:
-        return filter_readable(self.entry(key), records)
 
     # -- broadcast --------------------------------------------------------------------
 

@@ -24,12 +24,23 @@ from tests.integration.conftest import PY, ROOT, Keyring, Node, wait_for
 pytestmark = [pytest.mark.timeout(180), pytest.mark.parametrize("security", ["ratchet"], indirect=True)]
 
 
-def plant(kr: Keyring, node: Node, tmp: Path, name: str, **kw: object) -> Plant:
+def plant(kr: Keyring, node: Node | list[Node], tmp: Path, name: str, **kw: object) -> Plant:
+    """A secured in-process plant on ``node`` (or on every node of a pair)."""
+    nodes = node if isinstance(node, list) else [node]
     key = kr.plant(name, **{k: kw.pop(k) for k in ("publish", "read") if k in kw})  # type: ignore[arg-type]
-    cfg = PlantConfig(sequencers=[node.ingress], producer_id=name, data=str(tmp / f"plant-{name}"),
+    cfg = PlantConfig(sequencers=[n.ingress for n in nodes], producer_id=name, data=str(tmp / f"plant-{name}"),
                       security="ratchet", identity=str(key), pins=str(kr.pins), request_timeout_ms=300,
                       **kw)  # type: ignore[arg-type]
     return Plant(cfg)
+
+
+def publish_mixed(w: Plant, n: int, every: int) -> list[int]:
+    """Publish ``n`` messages, each ``every``-th on y/secret, the rest on x/a; returns
+    the seqs of the x/a ones once all are acked."""
+    tickets = [(i % every != 0, w.publish_nowait("x/a" if i % every else "y/secret", b"%d" % i))
+               for i in range(n)]
+    w.flush(20)
+    return [t.result(10) for keep, t in tickets if keep]
 
 
 def drain(sub, upto: int, timeout: float = 20) -> list:  # type: ignore[no-untyped-def]
@@ -160,18 +171,8 @@ def test_a_narrow_reader_follows_the_live_stream_over_its_link(tmp_path: Path, n
         sub = n.subscribe("", start="now")
         first = w.publish("x/a", b"warm-up", timeout=10)
         wait_for(lambda: sub.tracker.next_seq is not None, 10, "the narrow plant to find the tail")
-        expected = []
-        for i in range(300):
-            topic = "x/a" if i % 3 else "y/secret"
-            seq = w.publish_nowait(topic, b"%d" % i)
-            if topic == "x/a":
-                expected.append(seq)
-        w.flush(20)
-        want = [t.result(10) for t in expected]
-        got = []
-        while not got or got[-1].seq < want[-1]:
-            got.append(sub.get(timeout=10))
-        got = [m for m in got if m.seq > first]
+        want = publish_mixed(w, 300, 3)
+        got = [m for m in drain(sub, want[-1]) if m.seq > first]
         assert [m.seq for m in got] == want and {m.topic for m in got} == {"x/a"}
         assert n._bcast is not None and n._bcast.key_epoch is None      # no group key
         assert n.counters["sender_keys"] == 0
@@ -210,16 +211,8 @@ def test_a_reader_narrowed_while_running_keeps_delivering_its_topics(tmp_path: P
         s1 = w.publish("y/before", b"readable then", timeout=10)
         assert drain(sub, s1)[-1].topic == "y/before"
         keyring.plant("r", read=["x/"])          # reload over the control endpoint
-        want = []
-        for i in range(60):
-            t = w.publish_nowait("x/a" if i % 2 else "y/secret", b"%d" % i)
-            if i % 2:
-                want.append(t)
-        w.flush(20)
-        want_seqs = [t.result(10) for t in want]
-        got = []
-        while not got or got[-1].seq < want_seqs[-1]:
-            got.append(sub.get(timeout=10))
+        want_seqs = publish_mixed(w, 60, 2)
+        got = drain(sub, want_seqs[-1])
         assert [m.seq for m in got] == want_seqs and {m.topic for m in got} == {"x/a"}
         assert r.counters.get("no_key", 0) >= 1
     assert node.status()["counters"]["key_rotations"] >= 2
@@ -234,10 +227,7 @@ def test_a_plant_cut_off_while_the_key_rotates_finds_its_way_back(tmp_path: Path
     from tests.integration.test_failover import start_pair
     a, b = start_pair(node_factory)
     keyring.plant("z")                       # another reader, narrowed below to force a rotation
-    key = keyring.plant("r")
-    cfg = PlantConfig(sequencers=[a.ingress, b.ingress], producer_id="r", data=str(tmp_path / "plant-r"),
-                      security="ratchet", identity=str(key), pins=str(keyring.pins), request_timeout_ms=300)
-    with Plant(cfg) as r:
+    with plant(keyring, [a, b], tmp_path, "r") as r:
         sub = r.subscribe("", start=1)
         s1 = r.publish("x/a", b"one", timeout=10)
         wait_for(lambda: r._bcast is not None and r._bcast.key_epoch is not None
