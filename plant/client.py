@@ -1046,8 +1046,7 @@ class Plant:
         # the active node went silent: tell another node (the Binary Star vote)
         if (self._failover_s and now - self._active_seen > self._failover_s
                 and now >= self._next_vote and len(self._known_eps) > 1):
-            others = [e for e in self._known_eps if e != self._active_ep]
-            self._switch(others[0] if others else self._current_ep, now)
+            self._switch(self._vote_target(), now)
             self._hello(Hello(rid=self._rid(), client=self.client, vote=True,
                               epoch=self._max_epoch))
             self._next_vote = now + self._failover_s / 2   # the standby keeps a vote for a while
@@ -1086,6 +1085,19 @@ class Plant:
                 if period:
                     self._ping_at = now + period
                     self._send(Ping(rid=self._rid()))
+
+    def _vote_target(self) -> str:
+        """Where to vote: a known node other than the one last seen active.
+        With no active node known (we started after it died) go round the
+        known nodes from the current one: never stay on, or go back to, one
+        that does not answer."""
+        cands = [e for e in self._known_eps if e != self._active_ep] or self._known_eps
+        cur = self._current_ep
+        if cur not in cands:
+            return cands[0]
+        if self._active_ep is not None:
+            return cur                    # already voting at a node that is not the silent one
+        return cands[(cands.index(cur) + 1) % len(cands)]
 
     def _maybe_failover(self, now: float, force: bool = False) -> None:
         """No answer from the current node: try the next known one."""
@@ -1298,6 +1310,10 @@ class Plant:
             # (with link security a stale broadcast key can make a live node look
             # silent to us; a fresh session there gets a fresh key)
             if ev.peer_ingress and ev.peer_ingress != self._current_ep:
+                if self._active_ep is None:
+                    # we never saw an active node: the standby names the one it
+                    # follows, so a vote (if it is due) stays here, not there
+                    self._active_ep = ev.peer_ingress
                 if not self._failover_due(now):
                     self._switch(ev.peer_ingress, now)
                 elif now - self._switched_at > self._probe_back_s():

@@ -211,3 +211,23 @@ def test_old_primary_returns_with_unreplicated_tail(tmp_path: Path, procs: list,
     where = check_log(b.records(), acks, accepted=list(acks))
     assert len(where) == 6000
     assert a.records() == b.records()      # the rejoined node holds the new leader's history
+
+
+@pytest.mark.parametrize("security", ["none", "ratchet"], indirect=True)
+def test_plant_starting_after_the_primary_died_finds_the_standby(tmp_path: Path, procs: list,
+                                                                 node_factory, security: str) -> None:
+    """A plant that starts (or first reaches the cluster) only after the
+    primary died has never seen an active node. The standby answers "standby,
+    my active is the primary"; the plant must vote there (not go back to the
+    dead primary and wait on it forever), so the standby promotes and the
+    plant's messages are acked and delivered."""
+    a, b = start_pair(node_factory)
+    a.kill9()
+    pub = plant_proc(tmp_path, procs, "publisher", "p", [a, b], "--count", "300", "--batch", "30")
+    cons = plant_proc(tmp_path, procs, "consumer", "c", [a, b], "--count", "300", "--start", "1")
+    assert pub.wait(60) == 0, pub.output()[-3000:]
+    assert cons.wait(60) == 0, cons.output()[-3000:]
+    acks = acks_of(tmp_path, ["p"])
+    check({"c": read_out(tmp_path / "c.out")["D"]}, acks, start=1)
+    st = b.status()
+    assert st["role"] == "active" and st["epoch"] > 1, st
