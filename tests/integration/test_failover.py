@@ -99,6 +99,14 @@ def test_failover_soak(tmp_path: Path, procs: list, node_factory, rnd: int) -> N
     run_failover_round(tmp_path, procs, node_factory, rnd, random.Random(rnd))
 
 
+@pytest.mark.soak
+@pytest.mark.parametrize("security", ["ratchet"], indirect=True)
+@pytest.mark.parametrize("rnd", range(50))
+def test_failover_soak_with_link_security(tmp_path: Path, procs: list, node_factory, rnd: int,
+                                          security: str) -> None:
+    run_failover_round(tmp_path, procs, node_factory, rnd, random.Random(3000 + rnd))
+
+
 def test_standby_killed_then_returns(tmp_path: Path, procs: list, node_factory) -> None:
     """The active node goes solo (degraded) after the grace period; the
     standby returns, resyncs, and becomes eligible again."""
