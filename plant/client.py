@@ -1452,12 +1452,19 @@ class Plant:
                         continue                  # a deposed leader: ignore
                     self._max_epoch = ev.epoch
                     if subs:
-                        msgs = env.decode_records(ev.records)
-                        if (len(msgs) != ev.last_seq - ev.first_seq + 1 or msgs[0].seq != ev.first_seq
-                                or msgs[-1].seq != ev.last_seq):
-                            raise RemoteProtocolError("batch records do not match its head")
-                        for s in subs:
-                            s.tracker.on_batch(ev.first_seq, ev.last_seq, msgs, now)
+                        first, last = ev.first_seq, ev.last_seq
+                        if last - first >= env.MAX_BATCH_RECORDS:
+                            raise RemoteProtocolError("batch head spans more records than a batch holds")
+                        # decode only for the subscriptions that will use it: one that
+                        # holds these seqs already, or would drop them (buffer full),
+                        # is told the tail without the cost of decoding the records
+                        takers = [s for s in subs if s.tracker.admits(first, last, now)]
+                        if takers:
+                            msgs = env.decode_records(ev.records)
+                            if len(msgs) != last - first + 1 or msgs[0].seq != first or msgs[-1].seq != last:
+                                raise RemoteProtocolError("batch records do not match its head")
+                            for s in takers:
+                                s.tracker.on_batch(first, last, msgs, now)
                 elif type(ev) is Heartbeat:
                     self.counters["heartbeats"] += 1
                     if ev.epoch < self._max_epoch or ev.role != "active":

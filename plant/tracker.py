@@ -20,10 +20,14 @@ that starts above it is a **gap**: the batch is buffered (bounded by
 ``buffer_limit`` records; past that it is dropped and fetched later) and a
 replay of exactly ``next_seq .. first_buffered - 1`` is requested. A
 heartbeat whose ``last_seq`` is at or above ``next_seq`` is a gap at the
-tail (the batch was lost): a replay up to that seq is requested. Chunks are
-delivered in order; when the replay is done the buffer is drained. Only one
-replay is in flight per subscription; it is retried (new request id, with
-exponential backoff) when no chunk arrives within ``request_timeout``.
+tail (the batch was lost): a replay up to that seq is requested (never an
+open-ended one: the node would chase its tail and resend what arrives live).
+:meth:`Tracker.admits` tells the engine, from a batch's head alone, whether the
+batch will be used, so the records of one that would be ignored or dropped are
+never decoded. Chunks are delivered in order; when the replay is done the
+buffer is drained. Only one replay is in flight per subscription; it is
+retried (new request id, with exponential backoff) when no chunk arrives
+within ``request_timeout``.
 
 **Late start** is the same mechanism: a subscription starting at seq *S*
 simply has ``next_seq = S``, so the first live batch is a gap that replay
@@ -132,6 +136,37 @@ class Tracker:
     def finished(self) -> bool:
         """True once a bounded subscription delivered up to ``to_seq``."""
         return self.to_seq is not None and self.next_seq is not None and self.next_seq > self.to_seq
+
+    def admits(self, first: int, last: int, now: float) -> bool:
+        """Whether :meth:`on_batch` would use the messages of live batch
+        ``first..last``. If not (we hold it already, or it would be dropped:
+        the gap buffer or the ready queue is full), the batch is accounted for
+        here exactly as :meth:`on_batch` would (tail, drop counter, replay
+        request) and the caller need not decode it: a consumer that has
+        fallen behind stops spending its CPU on batches it throws away."""
+        nxt = self.next_seq
+        if nxt is None:
+            if self._since is None:
+                return True                  # "now": the stream starts here
+        elif last < nxt or self.finished:
+            if last > self.known_tail:
+                self.known_tail = last
+            return False
+        elif first <= nxt:
+            if len(self.ready) < self.ready_limit:
+                return True
+            if last > self.known_tail:
+                self.known_tail = last
+            self.dropped_live += 1           # as on_batch: fetched later by replay
+            return False
+        if self._buf_n + last - first + 1 <= self.buffer_limit and len(self.ready) < self.ready_limit:
+            return True
+        if last > self.known_tail:
+            self.known_tail = last
+        self.dropped_live += 1               # as _buffer: fetched later by replay
+        if nxt is not None:
+            self._maybe_request(now)
+        return False
 
     def on_batch(self, first: int, last: int, msgs: list[Message], now: float) -> None:
         """A live batch (records ``first..last``, all of them, decoded)."""
@@ -357,10 +392,14 @@ class Tracker:
                                 to_seq=self.to_seq, topic=self.prefix, credit=1,
                                 max_records=self.chunk_records)
         else:
-            to = self._buf[0][0] - 1 if self._buf else None
+            # Exactly the missing range: up to the first buffered batch, else up
+            # to the newest seq known to exist. Never open-ended: the node would
+            # chase its growing tail and send again what arrives live meanwhile
+            # (a consumer behind a busy stream decoded much of it twice).
+            to = self._buf[0][0] - 1 if self._buf else self.known_tail
             if self.to_seq is not None:
-                to = self.to_seq if to is None else min(to, self.to_seq)
-            if to is not None and to < self.next_seq:
+                to = min(to, self.to_seq)
+            if to < self.next_seq:
                 return
             self.gaps += 1
             req = ReplayRequest(rid=self._new_rid(), from_seq=self.next_seq, to_seq=to,
