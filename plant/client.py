@@ -69,6 +69,10 @@ FOLLOW_HEARTBEATS = 2
 NO_KEY_RETRY_S = 60.0
 #: Engine poll ceiling: timers are checked at least this often.
 ENGINE_TICK_S = 0.05
+#: The engine's timer period when nothing is pending (no unacked frame, no request,
+#: no handshake): an idle plant on a Pi wakes for heartbeats, not for a clock. The
+#: active node's silence (failover vote) has its own exact deadline.
+IDLE_TICK_S = 0.5
 #: pyzmq 27's flags are enum.Flag members: combining them in send_multipart
 #: costs microseconds per call on the hot path, plain ints do not.
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -805,8 +809,21 @@ class Plant:
                 with self._cond:
                     self._cond.notify_all()
 
+    def _quiet(self) -> bool:
+        """Nothing waits on a timer but the failover vote and the trackers
+        (whose deadlines :meth:`_next_deadline` takes exactly)."""
+        return (self._node is not None and not self._inflight and not self._unsent
+                and not self._requests and not self._rehello_at and self._link is None
+                and all(s.tracker._rid is None for s in self._subs))
+
     def _next_deadline(self, now: float) -> float:
-        d = now + ENGINE_TICK_S
+        if self._quiet():
+            d = now + IDLE_TICK_S
+            if self._failover_s and len(self._known_eps) > 1:
+                # the vote is due the moment the active node has been silent too long
+                d = min(d, max(self._active_seen + self._failover_s, self._next_vote) + 0.001)
+        else:
+            d = now + ENGINE_TICK_S
         if self._unsent_actions or self._unsent_hello is not None:
             d = now + 0.005                   # waiting for a new connection to come up
         box = self._out_box
