@@ -809,19 +809,28 @@ class Plant:
                 with self._cond:
                     self._cond.notify_all()
 
-    def _quiet(self) -> bool:
-        """Nothing waits on a timer but the failover vote and the trackers
-        (whose deadlines :meth:`_next_deadline` takes exactly)."""
-        return (self._node is not None and not self._inflight and not self._unsent
-                and not self._requests and not self._rehello_at and self._link is None
-                and all(s.tracker._rid is None for s in self._subs))
+    def _quiet(self, now: float) -> bool:
+        """Nothing waits on a timer but the failover vote, the trackers and the
+        link's persist and following deadlines (which :meth:`_next_deadline`
+        takes exactly)."""
+        if (self._node is None or self._inflight or self._unsent or self._requests
+                or self._rehello_at or any(s.tracker._rid is not None for s in self._subs)):
+            return False
+        link = self._link
+        return link is None or (link.answered and not self._txq and not self._following(now))
 
     def _next_deadline(self, now: float) -> float:
-        if self._quiet():
+        if self._quiet(now):
             d = now + IDLE_TICK_S
             if self._failover_s and len(self._known_eps) > 1:
                 # the vote is due the moment the active node has been silent too long
                 d = min(d, max(self._active_seen + self._failover_s, self._next_vote) + 0.001)
+            if self._link is not None:
+                # egress that stops opening (a stale key) makes us follow over the link
+                hb = (self._node.heartbeat_ms if self._node is not None else 100) / 1000
+                d = min(d, self._egress_ok_at + max(3 * hb, 0.3) + 0.001)
+                if self._link.pending_persist():
+                    d = min(d, max(self._persist_at, now))
         else:
             d = now + ENGINE_TICK_S
         if self._unsent_actions or self._unsent_hello is not None:
