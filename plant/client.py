@@ -788,11 +788,15 @@ class Plant:
             timeout = self._next_deadline(now) - now
             events = dict(poll(max(0.0, timeout) * 1000))
             if self._wake_fd in events:
-                self._woken = False
+                # read first, then clear: cleared first, a wake between the two
+                # would be swallowed by the read and leave _woken set with nothing
+                # to read, and every later _wake() would be skipped for good
+                # (what it queued is seen below: callers queue before they wake)
                 try:
                     os.eventfd_read(self._wake_fd)
                 except BlockingIOError:
                     pass
+                self._woken = False
             now = time.monotonic()
             self._do_commands(now)
             self._accept_submissions()
@@ -1121,8 +1125,10 @@ class Plant:
         cur = self._current_ep
         if cur not in cands:
             return cands[0]
-        if self._active_ep is not None:
-            return cur                    # already voting at a node that is not the silent one
+        if self._active_ep is not None and self._last_heard >= self._switched_at:
+            return cur                    # voting at a live node that is not the silent one
+        # no answer here since we came (e.g. the silent node under another name:
+        # the address configured and the one it announces can differ): move on
         return cands[(cands.index(cur) + 1) % len(cands)]
 
     def _maybe_failover(self, now: float, force: bool = False) -> None:

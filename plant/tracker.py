@@ -20,8 +20,9 @@ that starts above it is a **gap**: the batch is buffered (bounded by
 ``buffer_limit`` records; past that it is dropped and fetched later) and a
 replay of exactly ``next_seq .. first_buffered - 1`` is requested. A
 heartbeat whose ``last_seq`` is at or above ``next_seq`` is a gap at the
-tail (the batch was lost): a replay up to that seq is requested (never an
-open-ended one: the node would chase its tail and resend what arrives live).
+tail (the batch was lost): a replay up to that seq is requested (a gap is
+never requested open-ended: the node would chase its tail and resend what
+arrives live; only a start by time, whose seq is not known yet, is).
 :meth:`Tracker.admits` tells the engine, from a batch's head alone, whether the
 batch will be used, so the records of one that would be ignored or dropped are
 never decoded. Chunks are delivered in order; when the replay is done the

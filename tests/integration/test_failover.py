@@ -239,3 +239,27 @@ def test_plant_starting_after_the_primary_died_finds_the_standby(tmp_path: Path,
     check({"c": read_out(tmp_path / "c.out")["D"]}, acks, start=1)
     st = b.status()
     assert st["role"] == "active" and st["epoch"] > 1, st
+
+
+def test_failover_when_plants_name_the_nodes_differently_than_the_nodes_do(
+        tmp_path: Path, procs: list, node_factory) -> None:
+    """Plants configured with ``localhost`` addresses while the nodes announce
+    ``127.0.0.1``: each node is then known under two names. When the active
+    node dies the first vote may go to its other name; a vote target that does
+    not answer must not keep the plant (it used to stay there for ever, and
+    the standby, never voted for, never promoted)."""
+    from types import SimpleNamespace
+    a, b = start_pair(node_factory)
+    alias = [SimpleNamespace(ingress=n.ingress.replace("127.0.0.1", "localhost"), keyring=None)
+             for n in (a, b)]
+    pub = plant_proc(tmp_path, procs, "publisher", "p", alias, "--count", "3000", "--batch", "30",
+                     "--rate", "1500")
+    cons = plant_proc(tmp_path, procs, "consumer", "c", alias, "--count", "3000", "--start", "1")
+    wait_for(lambda: len(read_out(tmp_path / "p.out")["K"]) >= 600, 60, "acks before the kill")
+    a.kill9()
+    assert pub.wait(60) == 0, pub.output()[-3000:]
+    assert cons.wait(60) == 0, cons.output()[-3000:]
+    acks = acks_of(tmp_path, ["p"])
+    check({"c": read_out(tmp_path / "c.out")["D"]}, acks, start=1)
+    st = b.status()
+    assert st["role"] == "active" and st["epoch"] > 1, st
