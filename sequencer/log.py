@@ -642,6 +642,19 @@ class LogStore:
         self._dirty = self._dir_dirty = False
         return time.perf_counter() - started
 
+    def sync_recovered(self) -> float:
+        """Make what an earlier process left durable; call once after opening.
+
+        After a ``kill -9`` the previous process's last writes may sit in the
+        page cache only: the newest segment's tail, and the directory entry of
+        a segment it created just before (a power cut would then lose the
+        whole file). Both are fsynced here, before the records are trusted
+        (acks of resends as duplicates, replays, replication). Returns the
+        seconds spent; ``DurabilityError`` as for :meth:`sync`."""
+        self._dirty = bool(self._segs)
+        self._dir_dirty = True
+        return self.sync()
+
     def _fsync(self, fd: int) -> None:
         """The one place that calls ``os.fsync`` (tests replace it to inject failures)."""
         os.fsync(fd)

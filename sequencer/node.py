@@ -127,16 +127,9 @@ class SequencerNode:
         self.log = LogStore(self.data / "log", retention_days=cfg.retention_days, fsync=cfg.fsync)
         for p in self.log.torn_tails:
             log.warning("recovered a torn log tail; the cut bytes were kept in %s", p)
-        if cfg.fsync:
-            # after a kill -9 the tail may be in the page cache only: make it
-            # durable before we ack resends of it as duplicates
-            segs = sorted((self.data / "log").glob("*.seg"))
-            if segs:
-                fd = os.open(segs[-1], os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+        # after a kill -9 the tail (and a new segment's directory entry) may be in
+        # the page cache only: make it durable before we ack resends of it as duplicates
+        self.log.sync_recovered()
         self._retention_at = time.monotonic() + RETENTION_EVERY_S
         self.state = self._load_state()
         self.dedup = self._load_dedup()
@@ -556,10 +549,16 @@ class SequencerNode:
             raise RemoteProtocolError(f"{t.__name__} is not a request", code="unexpected")
 
     def _not_active(self, route: bytes, rid: int) -> None:
-        hint = self.ha.peer.ingress or "unknown"
+        peer = self.ha.peer
+        if peer.ingress is None:
+            where = "no peer known"
+        elif peer.role == "active":
+            where = f"the active node is at {peer.ingress}"
+        else:                     # say what we know, not what we hope
+            where = (f"its peer at {peer.ingress} is not active either"
+                     f" ({'it reports ' + repr(peer.role) if peer.role else 'not heard from'})")
         self._send(route, Error(rid=rid, code="not-active",
-                                message=f"node {self.cfg.node_id} is {self.role}; "
-                                        f"the active node is at {hint}"))
+                                message=f"node {self.cfg.node_id} is {self.role}; {where}"))
 
     def _admin(self, ev: Admin) -> Any:
         """Run an operator command; returns the reply event."""

@@ -263,3 +263,29 @@ def test_failover_when_plants_name_the_nodes_differently_than_the_nodes_do(
     check({"c": read_out(tmp_path / "c.out")["D"]}, acks, start=1)
     st = b.status()
     assert st["role"] == "active" and st["epoch"] > 1, st
+
+
+def test_a_standby_refuses_publishes_and_names_the_active_node(tmp_path: Path, node_factory) -> None:
+    """PUBLISH to the standby: ``not-active``, nothing sequenced there, and the
+    text says where the active node is -- or, when the peer is not active,
+    what it is instead of calling it "the active node"."""
+    from orbcast.envelope import Error, Publish
+    from orbcast.rpc import request
+    a, b = start_pair(node_factory)
+    r = request(b.ingress, Publish(rid=7, producer="p", items=((1, "t", b"x"),)))
+    assert type(r) is Error and r.code == "not-active" and r.rid == 7, r
+    assert r.message.endswith(f"the active node is at {a.ingress}"), r.message
+    assert b.status()["last_seq"] == 0
+    a.stop()
+    b.stop()
+    c = node_factory("c")        # two nodes that both start as primaries wait (Appendix A.5)
+    d = node_factory("d")
+    c.pair_with(d, "primary")
+    d.pair_with(c, "primary")
+    c.start()
+    d.start()
+    wait_for(lambda: c.status()["ha"].get("peer_role") is not None, 20, "c to hear its peer")
+    r = request(c.ingress, Publish(rid=8, producer="p", items=((1, "t", b"x"),)))
+    assert type(r) is Error and r.code == "not-active", r
+    assert "active node" not in r.message, r.message
+    assert f"its peer at {d.ingress} is not active either (it reports 'primary')" in r.message, r.message

@@ -666,6 +666,27 @@ def test_sync_fsyncs_and_failures_are_loud(tmp_path: Path,
     log.close()
 
 
+def test_sync_recovered_makes_the_previous_runs_writes_durable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed before its group commit leaves the newest segment's tail
+    and a new segment's directory entry unsynced: the next open fsyncs both."""
+    with open_log(tmp_path, fsync=False) as log:
+        log.append(make(1, 3) + make(4, 2, t0=DAY2))        # never fsynced
+    log = open_log(tmp_path, fsync=True)
+    synced: list[str] = []
+    monkeypatch.setattr(log, "_fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    assert log.sync_recovered() >= 0.0
+    assert synced == [str(tmp_path / SEG2), str(tmp_path)]  # the newest segment, the directory
+    log.close()
+    with open_log(tmp_path / "empty", fsync=True) as empty:
+        monkeypatch.setattr(empty, "_fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+        empty.sync_recovered()
+        assert synced[2:] == [str(tmp_path / "empty")]
+    with open_log(tmp_path / "off", fsync=False) as off:   # fsync off: nothing, as sync()
+        monkeypatch.setattr(off, "_fsync", lambda fd: synced.append("x"))
+        assert off.sync_recovered() == 0.0 and len(synced) == 3
+
+
 def test_fsync_off_never_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(fd: int) -> None:
         raise AssertionError("fsync with fsync=False")
