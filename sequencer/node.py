@@ -983,15 +983,13 @@ class SequencerNode:
     def _pump_replays(self) -> None:
         if self.core is None:
             return
-        try:
-            chunks = self.replays.pump(self.log, durable_seq=self.core.durable_seq,
-                                       epoch=self.core.epoch, now=time.monotonic(),
-                                       budget=REPLAY_CHUNKS_PER_TURN)
-        except LogCorruptedError as exc:
-            log.error("%s", exc)
-            for route, rid in self.replays.sessions():
-                self._reply(route, self.replays.fail(route, rid, "log-corrupted", str(exc)))
-            return
+        chunks = self.replays.pump(self.log, durable_seq=self.core.durable_seq,
+                                   epoch=self.core.epoch, now=time.monotonic(),
+                                   budget=REPLAY_CHUNKS_PER_TURN)
+        if self.replays.corruptions:
+            for exc in self.replays.corruptions:
+                log.error("replay: %s", exc)     # only that replay fails, others go on
+            self.replays.corruptions.clear()
         for route, frames in chunks:
             self._reply(route, frames)
 

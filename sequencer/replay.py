@@ -20,6 +20,7 @@ from operator import itemgetter
 from typing import Any, Protocol
 
 from orbcast.envelope import Error, ReplayRequest, chunk_frames, encode, record_topic
+from orbcast.errors import LogCorruptedError
 
 __all__ = ["ReplayManager", "LogReader"]
 
@@ -59,6 +60,8 @@ class ReplayManager:
         self._s: dict[tuple[bytes, int], _Session] = {}
         self.replayed_records = 0
         self.chunks_sent = 0
+        #: LogCorruptedErrors met by :meth:`pump` since the driver last took them
+        self.corruptions: list[LogCorruptedError] = []
 
     def __len__(self) -> int:
         return len(self._s)
@@ -114,15 +117,22 @@ class ReplayManager:
         """Cut up to ``budget`` chunks across sessions with credit.
 
         Returns ``(route, frames)`` pairs. Only records ``<= durable_seq`` are
-        served. May raise :class:`~orbcast.errors.LogCorruptedError`; the
-        driver answers the affected session with an error.
+        served. A session whose chunk meets a damaged log is answered with a
+        ``log-corrupted`` ERROR and closed (the error is kept in
+        :attr:`corruptions` for the driver to log); the other sessions go on.
         """
         out: list[tuple[bytes, list[bytes]]] = []
         for key, s in list(self._s.items()):
             if budget <= 0:
                 break
             while s.credit > 0 and budget > 0:
-                frames, done = self._cut(s, log, durable_seq, epoch)
+                try:
+                    frames, done = self._cut(s, log, durable_seq, epoch)
+                except LogCorruptedError as exc:
+                    self.corruptions.append(exc)
+                    out.append((s.route, self.fail(s.route, s.rid, "log-corrupted", str(exc))))
+                    budget -= 1
+                    break
                 out.append((s.route, frames))
                 s.credit -= 1
                 s.touched = now

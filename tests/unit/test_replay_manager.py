@@ -377,3 +377,31 @@ def test_random_requests_deliver_exactly_the_filtered_range(data: st.DataObject)
             expect.append(r)
     assert msgs == expect
     assert all(c.start_seq <= mm.seq < c.next_seq for c in got for mm in decode_records(c.records))
+
+
+def test_a_damaged_log_fails_only_the_replay_that_reaches_the_damage() -> None:
+    """A chunk that meets corruption ends that session with ``log-corrupted``
+    (naming the file and offset); a session reading elsewhere goes on, and the
+    chunks cut for it in the same pump are not lost."""
+    from orbcast.errors import LogCorruptedError
+
+    class DamagedLog(FakeLog):
+        def read(self, from_seq: int, *, max_records: int, max_bytes: int) -> list[tuple[int, int, bytes]]:
+            got = super().read(from_seq, max_records=max_records, max_bytes=max_bytes)
+            if any(40 <= s <= 45 for s, _t, _b in got):
+                raise LogCorruptedError("/data/log/2023-12-10.seg", 4242, "bad CRC")
+            return got
+
+    log = DamagedLog([rec(s) for s in range(1, 101)])
+    m = mgr()
+    m.open(b"a", ReplayRequest(rid=1, from_seq=35, credit=4, max_records=5), log, now=0.0)
+    m.open(b"b", ReplayRequest(rid=2, from_seq=60, credit=4, max_records=5), log, now=0.0)
+    out = m.pump(log, durable_seq=100, epoch=1, now=0.0, budget=8)
+    a = [decode(f) for r, f in out if r == b"a"]
+    assert [type(e) for e in a] == [ReplayChunk, Error]
+    assert (a[0].start_seq, a[0].next_seq) == (35, 40)
+    assert a[1].code == "log-corrupted" and a[1].rid == 1 and "byte offset 4242" in a[1].message
+    assert spans([(r, f) for r, f in out if r == b"b"]) == [
+        (60, 65, False, [60, 61, 62, 63, 64]), (65, 70, False, list(range(65, 70))),
+        (70, 75, False, list(range(70, 75))), (75, 80, False, list(range(75, 80)))]
+    assert m.sessions() == [(b"b", 2)] and len(m.corruptions) == 1
