@@ -599,6 +599,10 @@ class SequencerNode:
         for route, rid in self.replays.sessions():
             if route in gone:
                 self.replays.cancel(route, rid)
+        if gone and self._out:
+            # sealed earlier in this turn (SIGHUP lands mid-turn) and not sent yet:
+            # from the moment of the reload nothing more leaves for a revoked plant
+            self._out[:] = [f for f in self._out if f[0] not in gone]
         log.warning("%s", summary)
         self._distribute(now)         # a rotated key goes only to the remaining readers
         return None

@@ -78,3 +78,35 @@ def test_without_link_security_nothing_loads_cryptography() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr
+
+
+def test_a_reload_drops_replies_still_queued_for_revoked_plants() -> None:
+    """SIGHUP is handled mid-turn, after replies were sealed and queued (they
+    leave only once the session journal is durable). Those for a plant the
+    new allowlist revokes must not leave; the others must, in order; the
+    revoked plant's replays end."""
+    from types import SimpleNamespace
+
+    from sequencer.node import SequencerNode
+    from sequencer.replay import ReplayManager
+    from orbcast.envelope import ReplayRequest
+
+    class Sec:                    # the allowlist now revokes the plant on route b"rv"
+        def reload(self, now: float) -> tuple[list[bytes], str]:
+            return [b"rv"], "allowlist reloaded: 1 plants, 1 sessions dropped"
+
+    class Log:
+        first_seq = 1
+
+        def seq_for_time(self, t: int) -> int:
+            return 1
+
+    replays = ReplayManager(max_sessions=8, chunk_bytes=1 << 20, idle_s=30.0)
+    for route in (b"ok", b"rv"):
+        replays.open(route, ReplayRequest(rid=1, credit=1, max_records=10), Log(), now=0.0)
+    distributed = []
+    node = SimpleNamespace(sec=Sec(), replays=replays, _distribute=distributed.append,
+                           _out=[[b"ok", b"h1", b"b1"], [b"rv", b"h2", b"b2"], [b"ok", b"h3", b"b3"]])
+    assert SequencerNode.reload(node) is None       # type: ignore[arg-type]
+    assert node._out == [[b"ok", b"h1", b"b1"], [b"ok", b"h3", b"b3"]]
+    assert replays.sessions() == [(b"ok", 1)] and len(distributed) == 1
