@@ -221,6 +221,16 @@ def test_old_primary_returns_with_unreplicated_tail(tmp_path: Path, procs: list,
     assert a.records() == b.records()      # the rejoined node holds the new leader's history
 
 
+def finish_on_the_standby(tmp_path: Path, pub, cons, b: Node) -> None:
+    """Publisher ``p`` and consumer ``c`` finish; every ack delivered once, in
+    order; ``b`` took over in a new epoch."""
+    assert pub.wait(60) == 0, pub.output()[-3000:]
+    assert cons.wait(60) == 0, cons.output()[-3000:]
+    check({"c": read_out(tmp_path / "c.out")["D"]}, acks_of(tmp_path, ["p"]), start=1)
+    st = b.status()
+    assert st["role"] == "active" and st["epoch"] > 1, st
+
+
 @pytest.mark.parametrize("security", ["none", "ratchet"], indirect=True)
 def test_plant_starting_after_the_primary_died_finds_the_standby(tmp_path: Path, procs: list,
                                                                  node_factory, security: str) -> None:
@@ -233,12 +243,7 @@ def test_plant_starting_after_the_primary_died_finds_the_standby(tmp_path: Path,
     a.kill9()
     pub = plant_proc(tmp_path, procs, "publisher", "p", [a, b], "--count", "300", "--batch", "30")
     cons = plant_proc(tmp_path, procs, "consumer", "c", [a, b], "--count", "300", "--start", "1")
-    assert pub.wait(60) == 0, pub.output()[-3000:]
-    assert cons.wait(60) == 0, cons.output()[-3000:]
-    acks = acks_of(tmp_path, ["p"])
-    check({"c": read_out(tmp_path / "c.out")["D"]}, acks, start=1)
-    st = b.status()
-    assert st["role"] == "active" and st["epoch"] > 1, st
+    finish_on_the_standby(tmp_path, pub, cons, b)
 
 
 def test_failover_when_plants_name_the_nodes_differently_than_the_nodes_do(
@@ -257,12 +262,7 @@ def test_failover_when_plants_name_the_nodes_differently_than_the_nodes_do(
     cons = plant_proc(tmp_path, procs, "consumer", "c", alias, "--count", "3000", "--start", "1")
     wait_for(lambda: len(read_out(tmp_path / "p.out")["K"]) >= 600, 60, "acks before the kill")
     a.kill9()
-    assert pub.wait(60) == 0, pub.output()[-3000:]
-    assert cons.wait(60) == 0, cons.output()[-3000:]
-    acks = acks_of(tmp_path, ["p"])
-    check({"c": read_out(tmp_path / "c.out")["D"]}, acks, start=1)
-    st = b.status()
-    assert st["role"] == "active" and st["epoch"] > 1, st
+    finish_on_the_standby(tmp_path, pub, cons, b)
 
 
 def test_a_standby_refuses_publishes_and_names_the_active_node(tmp_path: Path, node_factory) -> None:
