@@ -1496,7 +1496,7 @@ class Plant:
                             if len(msgs) != last - first + 1 or msgs[0].seq != first or msgs[-1].seq != last:
                                 raise RemoteProtocolError("batch records do not match its head")
                             for s in takers:
-                                s.tracker.on_batch(first, last, msgs, now)
+                                s.tracker.take(first, last, msgs, now)
                 elif type(ev) is Heartbeat:
                     self.counters["heartbeats"] += 1
                     if ev.epoch < self._max_epoch or ev.role != "active":

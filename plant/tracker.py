@@ -24,8 +24,8 @@ tail (the batch was lost): a replay up to that seq is requested (a gap is
 never requested open-ended: the node would chase its tail and resend what
 arrives live; only a start by time, whose seq is not known yet, is).
 :meth:`Tracker.admits` tells the engine, from a batch's head alone, whether the
-batch will be used, so the records of one that would be ignored or dropped are
-never decoded. Chunks are delivered in order; when the replay is done the
+batch will be used (then :meth:`Tracker.take` gets its records), so the records
+of one that would be ignored or dropped are never decoded. Chunks are delivered in order; when the replay is done the
 buffer is drained. Only one replay is in flight per subscription; it is
 retried (new request id, with exponential backoff) when no chunk arrives
 within ``request_timeout``.
@@ -139,12 +139,13 @@ class Tracker:
         return self.to_seq is not None and self.next_seq is not None and self.next_seq > self.to_seq
 
     def admits(self, first: int, last: int, now: float) -> bool:
-        """Whether :meth:`on_batch` would use the messages of live batch
-        ``first..last``. If not (we hold it already, or it would be dropped:
-        the gap buffer or the ready queue is full), the batch is accounted for
-        here exactly as :meth:`on_batch` would (tail, drop counter, replay
-        request) and the caller need not decode it: a consumer that has
-        fallen behind stops spending its CPU on batches it throws away."""
+        """Whether live batch ``first..last`` will be used; decided from its
+        head alone. If not (we hold it already, or it must be dropped because
+        the gap buffer or the ready queue is full) it is accounted for here
+        (tail, drop counter, replay request) and nothing more is to be done:
+        the caller need not decode it, so a consumer that has fallen behind
+        stops spending its CPU on batches it throws away. If so, hand its
+        messages to :meth:`take`. This is the one place that decides."""
         nxt = self.next_seq
         if nxt is None:
             if self._since is None:
@@ -158,19 +159,21 @@ class Tracker:
                 return True
             if last > self.known_tail:
                 self.known_tail = last
-            self.dropped_live += 1           # as on_batch: fetched later by replay
+            self.dropped_live += 1           # the consumer is slow: fetched later by replay
             return False
         if self._buf_n + last - first + 1 <= self.buffer_limit and len(self.ready) < self.ready_limit:
-            return True
+            return True                      # a gap (or a start by time): it is buffered
         if last > self.known_tail:
             self.known_tail = last
-        self.dropped_live += 1               # as _buffer: fetched later by replay
+        self.dropped_live += 1               # no room to buffer it: fetched later by replay
         if nxt is not None:
             self._maybe_request(now)
         return False
 
-    def on_batch(self, first: int, last: int, msgs: list[Message], now: float) -> None:
-        """A live batch (records ``first..last``, all of them, decoded)."""
+    def take(self, first: int, last: int, msgs: list[Message], now: float) -> None:
+        """The decoded records of a live batch that :meth:`admits` accepted
+        (only the application thread pops :attr:`ready` meanwhile, which
+        leaves that decision standing)."""
         if last > self.known_tail:
             self.known_tail = last
         if self.next_seq is None:
@@ -178,18 +181,21 @@ class Tracker:
                 self._buffer(first, last, msgs)
                 return
             self.next_seq = first            # "now": the stream starts here
-        if last < self.next_seq or self.finished:
-            return
-        if first <= self.next_seq:
-            if len(self.ready) >= self.ready_limit:
-                self.dropped_live += 1       # consumer is slow: fetch it later
+            if self.finished:
                 return
+        if first <= self.next_seq:
             self.live_delivered += self._deliver(msgs, self.next_seq)
             self.next_seq = last + 1
             self._drain_buffer()
         else:
             self._buffer(first, last, msgs)
         self._maybe_request(now)
+
+    def on_batch(self, first: int, last: int, msgs: list[Message], now: float) -> None:
+        """A live batch (records ``first..last``, all of them, decoded):
+        :meth:`admits`, then :meth:`take` if admitted."""
+        if self.admits(first, last, now):
+            self.take(first, last, msgs, now)
 
     def on_heartbeat(self, last_seq: int, now: float) -> None:
         """The node's newest seq is ``last_seq`` (a tail gap if we lack it)."""
@@ -350,10 +356,8 @@ class Tracker:
         return k
 
     def _buffer(self, first: int, last: int, msgs: list[Message]) -> None:
+        """Keep a batch above the cursor (:meth:`admits` checked the room)."""
         n = last - first + 1
-        if self._buf_n + n > self.buffer_limit or len(self.ready) >= self.ready_limit:
-            self.dropped_live += 1           # fetched later by replay
-            return
         if self.prefix:
             msgs = [m for m in msgs if m.topic.startswith(self.prefix)]
         i = bisect.bisect(self._buf, (first,))

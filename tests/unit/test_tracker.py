@@ -588,8 +588,9 @@ class FakeNode:
 
 
 def simulate(seed: int, gate: bool = False) -> dict[str, Any]:
-    """``gate``: ask :meth:`Tracker.admits` before each live batch and hand it
-    over only if admitted, as the plant's engine does (it skips decoding the rest)."""
+    """``gate``: ask :meth:`Tracker.admits` before each live batch and hand it to
+    :meth:`Tracker.take` only if admitted, as the plant's engine does (it skips
+    decoding the rest); otherwise :meth:`Tracker.on_batch` does both."""
     rnd = random.Random(seed)
     n = rnd.randint(1, 400)
     log = [Message(s, 1, 1000 * s, "p", s, rnd.choice(["a/1", "b/2", "a/3"]), bytes([s % 256]))
@@ -649,8 +650,10 @@ def simulate(seed: int, gate: bool = False) -> dict[str, Any]:
             live_q.remove(b)
             if expect_start is None and tr.next_seq is None:
                 expect_start = b[1]
-            if not gate or tr.admits(b[1], b[2], now):
+            if not gate:
                 tr.on_batch(b[1], b[2], log[b[1] - 1:b[2]], now)
+            elif tr.admits(b[1], b[2], now):       # the engine decodes only then
+                tr.take(b[1], b[2], log[b[1] - 1:b[2]], now)
         if step % 5 == 0 and rnd.random() < 0.8:         # heartbeats (some lost too)
             if expect_start is None and tr.next_seq is None:
                 expect_start = tail + 1
