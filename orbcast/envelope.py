@@ -34,6 +34,7 @@ from typing import Any, NamedTuple, Sequence
 
 import cbor2
 
+from . import strictcbor
 from .errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -765,11 +766,12 @@ def chunk_frames(rid: int, epoch: int, start_seq: int, next_seq: int, last_seq: 
 # --- codec ---------------------------------------------------------------
 
 def _loads(b: bytes) -> Any:
+    """One strict CBOR item spanning ``b`` (:mod:`orbcast.strictcbor`)."""
     try:
-        return cbor2.loads(b)
+        return strictcbor.loads(b)
     except RecursionError as exc:
         raise RemoteProtocolError("CBOR nested too deeply") from exc
-    except Exception as exc:  # cbor2 raises many types on garbage
+    except Exception as exc:  # ValueError from the strict decoder; anything else too
         raise RemoteProtocolError(f"malformed CBOR: {exc}") from exc
 
 

@@ -88,6 +88,7 @@ from orbcast.envelope import (
     Message,
     record_topic,
 )
+from orbcast import strictcbor
 from orbcast.errors import AuthenticationError, LocalProtocolError
 from orbcast.keys import AllowEntry, Allowlist, AllowlistDiff, Identity, NodePins
 from orbcast.ratchet import (
@@ -195,7 +196,7 @@ def _two(frames: Any) -> tuple[bytes, bytes]:
 
 def _loads(b: bytes) -> Any:
     try:
-        return cbor2.loads(b)
+        return strictcbor.loads(b)
     except Exception:  # noqa: BLE001 - cbor2 raises many types on garbage (and RecursionError)
         raise _reject("malformed CBOR") from None
 
@@ -284,7 +285,7 @@ def _unpack_inner(pt: bytes, kinds: range) -> list[bytes] | None:
     if second is None or second[1] != len(pt) or len(head) > MAX_HEAD_BYTES:
         return None
     try:
-        h = cbor2.loads(head)
+        h = strictcbor.loads(head)
     except Exception:  # noqa: BLE001 - authentic but garbage: the caller rejects it
         return None
     if type(h) is not list or len(h) < 2 or h[0] != VERSION or type(h[1]) is not int \

@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import cbor2
 import zmq
 
 from orbcast import envelope as env
+from orbcast import strictcbor
 from orbcast.config import SequencerConfig
 from orbcast.envelope import (Admin, Cancel, Credit, Error, Heartbeat, Hello, Ping, Pong, Publish,
                               ReplayRequest, StatusReply, StatusRequest, Welcome)
@@ -1113,7 +1113,7 @@ def _inner_rid(inner: list[bytes]) -> int:
     """The request id of an authentic inner message that does not decode, if its
     head shows one (so the sealed ERROR names the request); else 0."""
     try:
-        h = cbor2.loads(inner[0])
+        h = strictcbor.loads(inner[0])
     except Exception:               # a malformed head: the error goes out with rid 0
         return 0
     if type(h) is list and len(h) > 2 and type(h[2]) is int and 0 <= h[2] < 2 ** 63:
@@ -1124,7 +1124,7 @@ def _inner_rid(inner: list[bytes]) -> int:
 def _outer_sid(frames: list[bytes]) -> int:
     """The session id in a sealed request's cleartext head ``[1, 10|11, sid]``, else 0."""
     try:
-        h = cbor2.loads(frames[1]) if len(frames) > 1 and len(frames[1]) <= 64 else None
+        h = strictcbor.loads(frames[1]) if len(frames) > 1 and len(frames[1]) <= 64 else None
     except Exception:
         return 0
     if (type(h) is list and len(h) == 3 and h[1] in (10, 11) and type(h[2]) is int

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import cbor2
 
+from orbcast import strictcbor
 from orbcast.envelope import MAX_BODY_BYTES, MAX_SEQ, VERSION, array_head
 from orbcast.errors import FrameTooLarge, RemoteProtocolError
 
@@ -106,11 +107,12 @@ def decode_peer(frames: Sequence[bytes]) -> PeerHeartbeat | Repl | ReplAck:
     if len(body_b) > MAX_BODY_BYTES:
         raise FrameTooLarge(len(body_b), MAX_BODY_BYTES, "body")
     try:
-        h = cbor2.loads(head_b)
-        body = cbor2.loads(body_b)
+        h = strictcbor.loads(head_b)
+        body = strictcbor.loads(body_b)
     except Exception as exc:
         raise RemoteProtocolError(f"malformed CBOR on the peer link: {exc}") from exc
-    if type(h) is not list or len(h) < 4 or h[0] != VERSION or not all(_uint(v) for v in h[2:]):
+    if (type(h) is not list or len(h) < 4 or type(h[0]) is not int or h[0] != VERSION
+            or not all(_uint(v) for v in h[2:])):
         raise RemoteProtocolError("bad peer head")
     kind = h[1]
     if kind == PEER_HB and len(h) == 4 and type(body) is dict:
@@ -142,5 +144,7 @@ def decode_peer(frames: Sequence[bytes]) -> PeerHeartbeat | Repl | ReplAck:
             raise RemoteProtocolError("replicated records do not match the head")
         return Repl(h[2], h[3], h[4], recs)
     if kind == REPL_ACK and len(h) == 4:
+        if type(body) is not dict:
+            raise RemoteProtocolError("bad peer ack body (an empty map is expected)")
         return ReplAck(h[2], h[3])
     raise RemoteProtocolError(f"unknown peer message kind {kind!r:.20}")

@@ -493,14 +493,14 @@ def test_head_errors_carry_the_right_code(head: object, code: str) -> None:
     assert ei.value.code == code
 
 
-@given(st.integers(-(2**64), 2**64).filter(lambda v: v != 1))
+@given(st.integers(-(2**64), 2**64 - 1).filter(lambda v: v != 1))   # CBOR's native ints
 def test_any_other_version_is_refused_with_code_version(v: int) -> None:
     with pytest.raises(RemoteProtocolError) as ei:
         decode([cbor2.dumps([v, 1, 1]), b"\xa0"])
     assert ei.value.code == "version"
 
 
-@given(st.integers(-(2**64), 2**64).filter(lambda k: k not in ARITY))
+@given(st.integers(-(2**64), 2**64 - 1).filter(lambda k: k not in ARITY))
 def test_any_unknown_kind_is_refused_with_code_unknown_kind(k: int) -> None:
     with pytest.raises(RemoteProtocolError) as ei:
         decode([cbor2.dumps([1, k, 1]), b"\xa0"])
