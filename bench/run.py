@@ -28,6 +28,12 @@ Benchmarks (names for ``--only``):
   sec          issue 5: sec-tput (orb-64 with link security vs without, interleaved) and
                sec-replay (a whole-log replay, secured vs not) and sec-handshake
                (LINK_HELLO -> sealed PONG on a fresh connection), bench/security.py
+  redis        peer: Redis Streams, appendfsync always, orb-64's workload (pipelined XADD,
+               XREAD BLOCK), and redis-replay (a late reader of replay's N from the start)
+  nats         peer: NATS JetStream (its default fsync every 2 min; sync_interval always too
+               where the server has it), async publish acks, ordered push consumers
+  mosquitto    peer: Mosquitto, QoS 1 in and out (acks from memory: no fsync, no replay)
+               (the peers: bench/peers.py; redis-tput and redis-replay also run alone)
   nofsync      (not in the default set) orb-64 and latency @ 1,000/s with the node's
                --no-fsync, labelled as such: splits fsync cost from Python cost
 
@@ -50,6 +56,7 @@ from typing import Any
 
 from . import bridge as bench_bridge_mod
 from . import ha as bench_ha_mod
+from . import peers as bench_peers_mod
 from . import security as bench_sec_mod
 from .proc import PY, BenchFailure, Proc, Procs, free_ports, proc_cpu_s, proc_status_kb, wait_quiet
 from .report import LAT_RATES, build_checks, machine_info, render_checks, render_table, source_info
@@ -62,7 +69,7 @@ FULL: dict[str, Any] = {
     "orb_n_per": 100_000, "orb_1k_n_per": 50_000, "lat_s": 5.0,
     "replay_n": 1_000_000, "rss_bytes": 1 << 30, "rss_replay": 100_000,
     "loss_n_per": 100_000, "outbox_n_per": 50_000, "pair_rounds": 2,
-    **bench_ha_mod.CFG_FULL, **bench_bridge_mod.CFG_FULL,
+    **bench_ha_mod.CFG_FULL, **bench_bridge_mod.CFG_FULL, **bench_peers_mod.CFG_FULL,
 }
 QUICK: dict[str, Any] = {
     "pp_n_per": 100_000, "mini_msg_n_per": 30_000, "mini_batch_n_per": 100_000,
@@ -70,12 +77,12 @@ QUICK: dict[str, Any] = {
     "orb_n_per": 20_000, "orb_1k_n_per": 10_000, "lat_s": 2.0,
     "replay_n": 200_000, "rss_bytes": 64 << 20, "rss_replay": 20_000,
     "loss_n_per": 20_000, "outbox_n_per": 10_000, "pair_rounds": 1,
-    **bench_ha_mod.CFG_QUICK, **bench_bridge_mod.CFG_QUICK,
+    **bench_ha_mod.CFG_QUICK, **bench_bridge_mod.CFG_QUICK, **bench_peers_mod.CFG_QUICK,
 }
 BIG_BYTES = 1 << 30
 
 ALL = ["pushpull", "mini-msg", "mini-batch", "mini-lat", "orb-64", "orb-1k", "orb-lat",
-       "replay", "rss", "loss", "outbox", "ha", "bridge", "sec"]
+       "replay", "rss", "loss", "outbox", "ha", "bridge", "sec", "redis", "nats", "mosquitto"]
 
 
 class Ctx:
@@ -624,6 +631,9 @@ BENCHES: dict[str, Callable[[Ctx], None]] = {
     "bridge-press": bench_bridge_mod.bench_bridge_press,
     "sec": bench_sec_mod.bench_sec, "sec-tput": bench_sec_mod.bench_sec_tput,
     "sec-handshake": bench_sec_mod.bench_sec_handshake, "sec-replay": bench_sec_mod.bench_sec_replay,
+    "redis": bench_peers_mod.bench_redis, "redis-tput": bench_peers_mod.bench_redis_tput,
+    "redis-replay": bench_peers_mod.bench_redis_replay, "nats": bench_peers_mod.bench_nats,
+    "mosquitto": bench_peers_mod.bench_mosquitto,
 }
 
 

@@ -17,6 +17,7 @@ orbcast:
   ``prefill``                    writes a log directly with the LogStore
   ``ha_prod`` / ``ha_cons``      plants on a primary/standby pair (:mod:`bench.ha`)
   ``bridge_press`` / ``bridge_cons``  the firmware bridge on mock pins (:mod:`bench.bridge`)
+Peers (Redis Streams, NATS JetStream, Mosquitto): ``redis_*``, ``nats_*``, ``mqtt_*`` (:mod:`bench.peers`)
 """
 
 from __future__ import annotations
@@ -703,10 +704,11 @@ def main(argv: list[str]) -> int:
         prof = cProfile.Profile()
         prof.enable()
     fn = ROLES.get(role)
-    if fn is None:              # the roles of bench.ha and bench.bridge
+    if fn is None:              # the roles of bench.ha, bench.bridge and bench.peers
         from . import bridge as _bridge
         from . import ha as _ha
-        fn = {**_ha.ROLES, **_bridge.ROLES}[role]
+        from . import peers as _peers
+        fn = {**_ha.ROLES, **_bridge.ROLES, **_peers.ROLES}[role]
     try:
         res = fn(args)
     except Exception as exc:   # reported to the bench, which fails loudly
