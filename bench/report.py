@@ -1,4 +1,5 @@
-"""The bench report: the table, the ratios orbcast / ceiling, the targets of
+"""The bench report: the table, the ratios orbcast / ceiling and orbcast / peer
+(Redis Streams, NATS JetStream, Mosquitto), the targets of
 issues 2, 3, 4 (hot standby) and 6 (firmware bridge), and where the figures came from (commit, machine).
 
 Pure functions of the results dict that :mod:`bench.run` fills; nothing here
@@ -127,7 +128,22 @@ def build_checks(res: dict[str, Any], big: bool) -> list[dict[str, Any]]:
              f"{_get(res, 'sec-handshake', 'clear_p99_ms') or 0:.2f} ms")
     add("disk outbox / memory outbox publish (issue 3)", _get(res, "outbox-disk", "publish_msg_s"),
         _get(res, "outbox-memory", "publish_msg_s"), target=0.70, unit="msg/s")
+    # the peers a user would pick instead (DESIGN.md "Performance stance"): no target
+    for key, label, note in PEER_RATIOS:
+        add(label, o64, _get(res, key, "msg_s"), unit="msg/s", note=note)
+    add("orbcast replay / Redis late reader", _get(res, "replay", "records_s"),
+        _get(res, "redis-replay", "records_s"), unit="rec/s",
+        note="Redis serves it from memory")
     return out
+
+
+#: orb-64 / peer: (result key, label, note); the peers' durability differs, see notes.
+PEER_RATIOS = (
+    ("redis", "orb-64 / Redis Streams", "both fsync before the ack"),
+    ("nats", "orb-64 / NATS JetStream, default sync", "NATS fsyncs every 2 min"),
+    ("nats-sync-always", "orb-64 / NATS JetStream, sync always", "both fsync every write"),
+    ("mosquitto", "orb-64 / Mosquitto QoS 1", "Mosquitto: no fsync, no replay"),
+)
 
 
 def render_table(res: dict[str, Any]) -> str:
@@ -245,11 +261,38 @@ def render_table(res: dict[str, Any]) -> str:
           f"max {v['max_ms']:,.1f} ms, {v['n']} presses; press->reading stamp p99 "
           f"{v['press_to_reading_stamp_p99_ms']:.2f} ms, stamp->delivery p99 "
           f"{v['reading_stamp_to_delivery_p99_ms']:.1f} ms")
+    _peer_rows(res, r)
     w0 = max(len(a) for a, _, _ in rows) if rows else 10
     w1 = max(len(b) for _, b, _ in rows) if rows else 10
     lines = [f"{'benchmark':<{w0}}  {'result':>{w1}}  notes", "-" * (w0 + w1 + 40)]
     lines += [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
     return "\n".join(lines)
+
+
+def _peer_rows(res: dict[str, Any], r: Any) -> None:
+    """The peers, on orb-64's workload (bench/peers.py), durability in the notes."""
+    for k, lab, how in (
+            ("redis", "peer: Redis Streams 64 B, 2 prod + 2 cons",
+             "appendfsync always (fsync before the reply)"),
+            ("nats", "peer: NATS JetStream 64 B, 2 prod + 2 cons",
+             "DEFAULT durability: fsync every 2 min, acked before fsync"),
+            ("nats-sync-always", "peer: NATS JetStream 64 B, sync always",
+             "sync_interval: always (fsync every write)"),
+            ("mosquitto", "peer: Mosquitto QoS 1 64 B, 2 prod + 2 cons",
+             "no replay, no fsync: acked from memory")):
+        v = res.get(k)
+        if not v:
+            continue
+        extra = (f"{how}; publish {v['publish_msg_s']:,.0f}/s, server "
+                 f"{v['server_cpu_us_per_msg']} us CPU/msg, {v.get('server', '?')}")
+        r(lab, f"{v['msg_s']:>12,.0f} msg/s", extra)
+        if k == "nats" and v.get("sync_always"):
+            r("peer: NATS JetStream 64 B, sync always", "not measured", v["sync_always"])
+    v = res.get("redis-replay")
+    if v:
+        r("peer: Redis Streams late reader from 0, 64 B", f"{v['records_s']:>12,.0f} rec/s",
+          f"{v['n']:,} records, XREAD COUNT {v['count']} (from memory), reader "
+          f"{v['reader_cpu_us_per_rec']} / server {v['server_cpu_us_per_rec']} us CPU/rec")
 
 
 def render_checks(checks: list[dict[str, Any]]) -> str:
