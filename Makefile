@@ -28,7 +28,27 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+# bench also measures the peers (bench/peers.py): their Python clients (the `bench`
+# extra) and their servers (Debian packages, apt-get only for a binary that is absent)
+BENCH_STAMP   = $(VENV)/.bench-installed
+BENCH_SERVERS = redis-server nats-server mosquitto
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	@PATH="$$PATH:/usr/sbin:/sbin"; missing=""; for b in $(BENCH_SERVERS); do \
+	    command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    if [ "$$(id -u)" != 0 ]; then \
+	        echo "bench needs$$missing: apt-get install -y --no-install-recommends$$missing (as root)" >&2; \
+	        exit 1; fi; \
+	    echo "installing$$missing for the bench's peers" >&2; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	        apt-get install -y -qq --no-install-recommends$$missing >/dev/null; \
+	fi
 	$(PY) -m bench.run
 
 soak: $(STAMP)
