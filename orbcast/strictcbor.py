@@ -54,8 +54,9 @@ else:
 
 _Decoder = cbor2.CBORDecoder
 _BytesIO = io.BytesIO
-#: cbor2 5.x decodes a lone "break" byte (0xff) to this marker object.
-_BREAK = getattr(cbor2, "break_marker", object())
+#: cbor2 5.x decodes a lone "break" byte (0xff) to a marker object (its C and
+#: pure-Python decoders each have their own); 6.x raises instead.
+_BREAK_TYPES = frozenset({"BreakMarkerType", "break_marker_type"})
 
 
 def loads(b: bytes) -> Any:
@@ -73,7 +74,7 @@ def loads(b: bytes) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - cbor2 raises many types on garbage
         raise ValueError(str(exc)) from None
-    if v is _BREAK:
+    if type(v).__name__ in _BREAK_TYPES:
         raise ValueError("a break code where a data item was expected")
     if fp.tell() != len(b):
         raise ValueError(f"{len(b) - fp.tell()} bytes after the CBOR item")
