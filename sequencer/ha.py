@@ -31,6 +31,16 @@ Safety rules (docs/operations.md explains them for operators):
   node and has been out of contact for less than ``solo_after_s`` (after
   that, the active node may have gone solo and acked records this node does
   not hold, so it must resync before it can ever be promoted).
+* **A booting primary alone** leads on a vote only if the voting plant saw no
+  epoch newer than the last one this node led: a newer one means the peer
+  took over after this node stopped, and its log is the one to continue.
+* **Two booting primaries** (both nodes were active when they stopped, e.g.
+  a power cut of the whole site after a failover, or both configured
+  ``primary``): the node whose log is *newer* leads -- the higher epoch of
+  the newest record, then the higher last seq, as in Raft's election rule,
+  so the leader holds every record either side ever acked -- and on a full
+  tie the node whose id sorts first. Both compute the same answer from each
+  other's heartbeats; the other one waits and follows the leader's new epoch.
 * **Solo mode**: an active node whose in-sync standby is silent for
   ``solo_after_s`` stops waiting for it (unless ``require_standby``) and is
   *degraded* until the standby has resynced.
@@ -57,6 +67,7 @@ class Role(enum.Enum):
 
 class Input(enum.Enum):
     PEER_PRIMARY = "peer-primary"          # peer is booting as primary
+    PEER_PRIMARY_BEHIND = "peer-primary-behind"  # ...and its log is behind ours (we lead)
     PEER_BACKUP = "peer-backup"            # peer is booting as backup
     PEER_ACTIVE_NEWER = "peer-active-newer"    # peer is active with a newer epoch than ours
     PEER_ACTIVE_OLDER = "peer-active-older"    # peer claims active with an older/equal epoch
@@ -72,6 +83,7 @@ R, I = Role, Input
 #: (state, input) -> next state. Anything not listed: no change.
 TRANSITIONS: dict[tuple[Role, Input], Role] = {
     (R.PRIMARY, I.PEER_BACKUP): R.ACTIVE,
+    (R.PRIMARY, I.PEER_PRIMARY_BEHIND): R.ACTIVE,   # both booting as primaries: the newer log leads
     (R.PRIMARY, I.PEER_PASSIVE): R.ACTIVE,
     (R.PRIMARY, I.PEER_ACTIVE_NEWER): R.PASSIVE,
     (R.PRIMARY, I.PEER_ACTIVE_OLDER): R.ACTIVE,   # it will see our newer epoch and step down
@@ -146,6 +158,10 @@ class HaCore:
         self.transitions: list[tuple[float, Role, Input, Role]] = []
         #: our log's newest seq (the driver keeps it current)
         self.own_last_seq = 0
+        #: the epoch of our log's newest record, 0 for an empty log (the driver sets it)
+        self.own_log_epoch = 0
+        #: this node's id: breaks a tie between two booting primaries (the driver sets it)
+        self.node_id = ""
         #: why a booting node refuses to become active, for status
         self.blocked: str | None = None
         #: a refused vote stays valid until then (see check_vote)
@@ -172,6 +188,8 @@ class HaCore:
         old = self.role
         self.role = new
         self.transitions.append((now, old, inp, new))
+        if new is not Role.PRIMARY:
+            self.blocked = None           # no longer booting: nothing is being refused
         if new is Role.ACTIVE:
             self.epoch = next_epoch(self.max_epoch, self.parity)
             self.max_epoch = self.epoch
@@ -183,10 +201,21 @@ class HaCore:
             self.told_in_sync = False
         return new
 
+    def leads_over(self, peer_node: str, peer_log_epoch: int, peer_last_seq: int) -> bool:
+        """Between two booting primaries: is our log the one to continue?
+        Newer newest-record epoch, then longer log, then the smaller node id.
+        A strict order, so exactly one of two nodes with distinct ids says yes."""
+        mine = (self.own_log_epoch, self.own_last_seq)
+        theirs = (peer_log_epoch, peer_last_seq)
+        if mine != theirs:
+            return mine > theirs
+        return bool(self.node_id) and self.node_id < peer_node
+
     def on_peer_heartbeat(self, *, node: str, role: str, epoch: int, last_seq: int,
                           in_sync: bool, ingress: str | None, egress: str | None,
-                          now: float) -> Role | None:
-        """An HA heartbeat (or any peer message) arrived."""
+                          now: float, log_epoch: int = 0) -> Role | None:
+        """An HA heartbeat (or any peer message) arrived. ``log_epoch`` is the
+        epoch of the peer's newest record (from the history it sends)."""
         p = self.peer
         p.node, p.role, p.epoch, p.last_seq, p.heard = node, role, epoch, last_seq, now
         p.ingress, p.egress, p.in_sync = ingress, egress, in_sync
@@ -209,6 +238,13 @@ class HaCore:
             self.blocked = (f"peer {node} holds seqs up to {last_seq}, this node only "
                             f"{self.own_last_seq}: promote the peer instead")
             return None
+        if inp is Input.PEER_PRIMARY and self.role is Role.PRIMARY:
+            if self.leads_over(node, log_epoch, last_seq):
+                inp = Input.PEER_PRIMARY_BEHIND
+            elif node == self.node_id:
+                self.blocked = (f"the peer has this node's id {node!r} and the same log: "
+                                "give the nodes distinct node_id values")
+                return None
         self.blocked = None
         return self.feed(inp, now) if inp else None
 
@@ -216,6 +252,15 @@ class HaCore:
         """A plant reports the active node unreachable (it saw ``epoch_seen``)."""
         if epoch_seen > self.max_epoch:
             self.max_epoch = epoch_seen
+        if self.role is Role.PRIMARY and epoch_seen > self.epoch:
+            # The plant saw a leader newer than any this node led: the peer took
+            # over after this node stopped and may hold acked records this log
+            # lacks. Leading now would make the peer set them aside when it returns.
+            self.blocked = (f"a plant saw epoch {epoch_seen}, newer than this node's last "
+                            f"({self.epoch}): the peer led since and may hold acked records "
+                            "this node lacks; start the peer, or promote this node to accept "
+                            "their loss")
+            return self.feed(Input.VOTE_REFUSED, now)
         if self.role is Role.PASSIVE:
             ok = self.peer_silent(now) and self.eligible(now)
         elif self.role is Role.PRIMARY:

@@ -147,6 +147,7 @@ class SequencerNode:
                          failover_s=cfg.failover_ms / 1000, solo_after_s=cfg.solo_after_ms / 1000,
                          require_standby=cfg.require_standby, has_peer=has_peer, now=now)
         self.ha.max_epoch = max(self.state["epoch"], self.state.get("max_epoch", 0))
+        self.ha.node_id = cfg.node_id
         self.core: SequencerCore | None = None
         if role is Role.ACTIVE:
             self._become_active(now, announce=False)
@@ -889,10 +890,12 @@ class SequencerNode:
 
     def _on_peer_hb(self, hb: peerlink.PeerHeartbeat, now: float) -> None:
         old_role = self.ha.role
-        self.ha.own_last_seq = self.log.last_seq
+        self.ha.own_last_seq = last = self.log.last_seq
+        self.ha.own_log_epoch = log_epoch(self.state["epochs"], last)
         new = self.ha.on_peer_heartbeat(node=hb.node, role=hb.role, epoch=hb.epoch,
                                         last_seq=hb.last_seq, in_sync=hb.in_sync,
-                                        ingress=hb.ingress, egress=hb.egress, now=now)
+                                        ingress=hb.ingress, egress=hb.egress, now=now,
+                                        log_epoch=log_epoch(hb.epochs, hb.last_seq))
         self._apply_role(new, now)
         if self.ha.blocked and self.ha.blocked != self._blocked_logged:
             log.error("not becoming active: %s", self.ha.blocked)
@@ -1107,6 +1110,13 @@ class SequencerNode:
             self.log.close()
             self.log = None  # type: ignore[assignment]
             log.info("node %s stopped", self.cfg.node_id)
+
+
+def log_epoch(history: Any, last_seq: int) -> int:
+    """The epoch of the newest record of a log that ends at ``last_seq`` and whose
+    epoch history is ``history`` (``[epoch, first_seq]`` pairs; an epoch that
+    began after ``last_seq`` wrote nothing into this log). 0 for an empty log."""
+    return max((int(e) for e, first in history if first <= last_seq and last_seq), default=0)
 
 
 def _inner_rid(inner: list[bytes]) -> int:

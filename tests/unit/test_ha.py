@@ -14,7 +14,8 @@ R, I = Role, Input
 # The expected table, written out independently of ha.TRANSITIONS: for each
 # state, the inputs that change it (every other input leaves it unchanged).
 EXPECTED = {
-    R.PRIMARY: {I.PEER_BACKUP: R.ACTIVE, I.PEER_PASSIVE: R.ACTIVE, I.PEER_ACTIVE_NEWER: R.PASSIVE,
+    R.PRIMARY: {I.PEER_BACKUP: R.ACTIVE, I.PEER_PASSIVE: R.ACTIVE, I.PEER_PRIMARY_BEHIND: R.ACTIVE,
+                I.PEER_ACTIVE_NEWER: R.PASSIVE,
                 I.PEER_ACTIVE_OLDER: R.ACTIVE, I.VOTE: R.ACTIVE, I.PROMOTE: R.ACTIVE,
                 I.DEMOTE: R.PASSIVE},
     R.BACKUP: {I.PEER_ACTIVE_NEWER: R.PASSIVE, I.PEER_ACTIVE_OLDER: R.PASSIVE,
@@ -99,6 +100,94 @@ def test_booting_primary_with_a_shorter_log_refuses_to_lead() -> None:
 def test_booting_primary_becomes_passive_under_a_newer_leader() -> None:
     c = core(R.PRIMARY, parity=1, epoch=1)
     assert hb(c, "active", 2, 100.0) is R.PASSIVE
+
+
+def booting_primary(node_id: str, log_epoch: int, last_seq: int, parity: int = 1) -> HaCore:
+    c = core(R.PRIMARY, parity=parity, epoch=log_epoch)
+    c.max_epoch = log_epoch
+    c.node_id, c.own_log_epoch, c.own_last_seq = node_id, log_epoch, last_seq
+    return c
+
+
+def heartbeat_of(c: HaCore) -> dict:  # type: ignore[type-arg]
+    """What ``c``'s node says in its HA heartbeat, as the driver passes it on."""
+    role = {R.PRIMARY: "primary", R.BACKUP: "backup", R.ACTIVE: "active",
+            R.PASSIVE: "standby"}[c.role]
+    return dict(node=c.node_id, role=role, epoch=c.epoch, last_seq=c.own_last_seq,
+                in_sync=False, ingress=None, egress=None, log_epoch=c.own_log_epoch)
+
+
+def hear(c: HaCore, other: HaCore | dict, now: float) -> Role | None:  # type: ignore[type-arg]
+    """``c`` gets ``other``'s heartbeat (or one sent earlier)."""
+    h = other if isinstance(other, dict) else heartbeat_of(other)
+    return c.on_peer_heartbeat(now=now, **h)
+
+
+def cross(a: HaCore, b: HaCore, now: float) -> None:
+    """Heartbeats that crossed on the wire: each hears what the other said before."""
+    ha, hb_ = heartbeat_of(a), heartbeat_of(b)
+    hear(a, hb_, now)
+    hear(b, ha, now)
+
+
+@pytest.mark.parametrize("a_log,b_log,leader", [
+    ((2, 900), (1, 950), "a-node"),     # newer epoch wins over a longer log of an older one
+    ((1, 950), (2, 900), "b-node"),
+    ((3, 950), (3, 900), "a-node"),     # same epoch: the longer log
+    ((0, 0), (0, 0), "a-node"),         # two fresh nodes both configured primary: the id
+    ((4, 10), (4, 10), "a-node"),       # full tie: the id
+])
+def test_two_booting_primaries_agree_that_the_newer_log_leads(
+        a_log: tuple[int, int], b_log: tuple[int, int], leader: str) -> None:
+    """Appendix A.5: both nodes were active when they stopped (or both are
+    configured primary). They used to wait for an operator for ever."""
+    a = booting_primary("a-node", *a_log)
+    b = booting_primary("b-node", *b_log, parity=0)
+    cross(a, b, 100.0)
+    win, lose = (a, b) if leader == "a-node" else (b, a)
+    assert win.role is R.ACTIVE and lose.role is R.PRIMARY, (a.role, b.role)
+    assert win.epoch > max(a_log[0], b_log[0]) and win.epoch % 2 == win.parity
+    assert hear(lose, win, 100.1) is R.PASSIVE        # and then follows its new epoch
+    assert hear(win, lose, 100.2) is None and win.role is R.ACTIVE
+
+
+def test_exactly_one_of_two_booting_primaries_leads_whatever_their_logs() -> None:
+    logs = [(e, s) for e in (0, 1, 2, 5) for s in (0, 7, 8)]
+    for (ea, sa), (eb, sb) in itertools.product(logs, logs):
+        for ida, idb in (("n1", "n2"), ("n2", "n1")):
+            a, b = booting_primary(ida, ea, sa), booting_primary(idb, eb, sb)
+            assert a.leads_over(b.node_id, eb, sb) != b.leads_over(a.node_id, ea, sa)
+            cross(a, b, 100.0)
+            assert [a.role, b.role].count(R.ACTIVE) == 1
+            newer = (ea, sa) > (eb, sb) or ((ea, sa) == (eb, sb) and ida < idb)
+            assert (a.role is R.ACTIVE) == newer
+
+
+def test_two_booting_primaries_with_the_same_id_wait_and_say_why() -> None:
+    a, b = booting_primary("same", 1, 5), booting_primary("same", 1, 5)
+    cross(a, b, 100.0)
+    assert a.role is b.role is R.PRIMARY
+    assert a.blocked and "node_id" in a.blocked
+
+
+def test_log_epoch_is_the_epoch_of_the_newest_record() -> None:
+    from sequencer.node import log_epoch
+    history = [[1, 1], [3, 501], [4, 701]]
+    assert [log_epoch(history, s) for s in (0, 1, 500, 501, 700, 701, 9000)] == [0, 1, 1, 3, 3, 4, 4]
+    assert log_epoch([], 10) == 0
+    assert log_epoch([(2, 1)], 0) == 0
+
+
+def test_booting_primary_alone_refuses_a_vote_from_a_plant_that_saw_a_newer_leader() -> None:
+    """The peer took over (epoch 2) after this node (epoch 1) stopped, acked
+    records, then stopped too: leading on this node's older log would make
+    the peer set those acked records aside when it returns."""
+    c = core(R.PRIMARY, parity=1, epoch=1)
+    assert c.on_vote(2, 101.0) is None and c.role is R.PRIMARY
+    assert c.blocked and "epoch 2" in c.blocked
+    assert c.check_vote(101.1) is None and c.role is R.PRIMARY    # not kept for later either
+    assert c.on_vote(1, 101.2) is R.ACTIVE                       # a plant that saw only ours
+    assert c.epoch == 3 and c.blocked is None
 
 
 def test_booting_primary_alone_needs_a_vote() -> None:
