@@ -45,6 +45,13 @@ def build_checks(res: dict[str, Any], big: bool) -> list[dict[str, Any]]:
             if target is not None:
                 row["target"] = f">= {target:.0%}"
                 row["pass"] = row["ratio"] >= target
+        elif kind == "ratio_max":           # lower is better: pass at or under the target
+            if not ref:
+                return
+            row["ratio"] = value / ref
+            row["reference"] = ref
+            row["target"] = f"<= {target:.0%}"
+            row["pass"] = row["ratio"] <= target  # type: ignore[operator]
         elif kind == "min":
             row["target"] = f">= {target:,.0f} {unit}"
             row["pass"] = value >= target  # type: ignore[operator]
@@ -67,7 +74,12 @@ def build_checks(res: dict[str, Any], big: bool) -> list[dict[str, Any]]:
         ref = _get(res, f"mini-lat-{rate}", "latency", "p99_us")
         if rate == 1000:
             add(f"orb p99 @ {rate}/s (issue 2)", p99, None, kind="max", target=1000, unit="us")
-        add(f"orb p99 / mini p99 @ {rate}/s", p99, ref, unit="us", note="lower is better")
+            # The same target read as a ratio from one run, as the issue asks for its
+            # targets: 1 ms where its minimal loop measured a 0.4 ms p99, i.e. 250 %.
+            add(f"orb p99 / mini p99 @ {rate}/s (issue 2)", p99, ref, kind="ratio_max",
+                target=2.5, unit="us", note="the issue's 1 ms / its minimal loop's 0.4 ms")
+        else:
+            add(f"orb p99 / mini p99 @ {rate}/s", p99, ref, unit="us", note="lower is better")
     add("orb p99 @ 1000/s, disk outbox", _get(res, "orb-lat-1000-outbox", "latency", "p99_us"),
         None, kind="max", target=1000, unit="us", note="informative")
     add("replay (issues 2, 3)", _get(res, "replay", "records_s"), None, kind="min", target=400_000,
