@@ -61,9 +61,11 @@ log = logging.getLogger("orbcast.sequencer")
 ZMQ_MAXMSGSIZE = 8 * env.MAX_BODY_BYTES
 #: Replay chunks cut per loop turn, so replays never starve publishing.
 REPLAY_CHUNKS_PER_TURN = 8
-#: Write the dedup snapshot after this many new records or seconds.
+#: Write the dedup snapshot after this many new records (and at a clean stop).
+#: Not by time: at a sensor fleet's rates a timer rewrote megabytes of runs to
+#: the SD card every 30 s, while the log records a restart replays into the
+#: table are at most this many (well under a second on a Pi 4).
 DEDUP_SNAPSHOT_RECORDS = 200_000
-DEDUP_SNAPSHOT_SECONDS = 30.0
 #: Ingress receive high-water mark (frames queued per peer in ZeroMQ).
 INGRESS_HWM = 10_000
 #: Records sent to the standby and not yet acked, at most (bounds what the
@@ -196,7 +198,6 @@ class SequencerNode:
         self._repl_damage_logged = False   # log a damaged segment once, not per turn
         self._blocked_logged: str | None = None
         self._snap_seq = self.log.last_seq
-        self._snap_time = time.monotonic()
         self._last_reject_log = 0.0
         self._rng = random.Random()
         self.notifier = Notifier.from_env()
@@ -258,7 +259,6 @@ class SequencerNode:
         upto = self.core.durable_seq if self.core else self._synced_upto
         _atomic_write(self.data / "dedup.snapshot", self.dedup.snapshot(upto))
         self._snap_seq = upto
-        self._snap_time = time.monotonic()
 
     def _old_lookup(self, pid: str, pseq: int) -> int | None:
         """Search the log for a pair older than the dedup window (rare)."""
@@ -1050,8 +1050,7 @@ class SequencerNode:
                 self._replicate()
                 self._release()
         durable = self.core.durable_seq if self.core else self._synced_upto
-        if (durable - self._snap_seq >= DEDUP_SNAPSHOT_RECORDS
-                or (now_m - self._snap_time >= DEDUP_SNAPSHOT_SECONDS and durable != self._snap_seq)):
+        if durable - self._snap_seq >= DEDUP_SNAPSHOT_RECORDS:
             self._snapshot_dedup()
 
     # --- status ----------------------------------------------------------------

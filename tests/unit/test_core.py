@@ -7,6 +7,9 @@ is a Python list. The last test is a Hypothesis model check of the whole core.
 
 from __future__ import annotations
 
+import zlib
+
+import cbor2
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -196,6 +199,8 @@ def small_pseq_window(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRe
     """Most eviction tests use a few thousand spaced pairs; shrink the protected
     producer-seq window so eviction is reachable with them (the window itself
     is tested separately)."""
+    if "evicts_in_chunks" not in request.keywords:
+        monkeypatch.setattr(core_mod, "EVICT_SLACK", 0)      # exact limits, as tested below
     if "keeps_pseq_window" not in request.keywords:
         monkeypatch.setattr(core_mod, "MIN_PSEQ_WINDOW", 0)
 
@@ -204,7 +209,8 @@ def small_pseq_window(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRe
 def test_runs_inside_the_pseq_window_are_never_evicted() -> None:
     """A fragmented producer keeps every pair of its newest MIN_PSEQ_WINDOW
     producer seqs in memory (its outbox cannot be older), so resends never
-    need the slow log search; past the window the runs are evicted."""
+    need the slow log search, as long as they take at most HARD_MAX_RUNS runs
+    (next test); past the window the runs are evicted."""
     t = DedupTable()
     n = core_mod.MAX_RUNS_PER_PRODUCER + 500
     spaced(t, "p", n)                          # hi = 2n - 1, far inside the window
@@ -221,6 +227,73 @@ def test_runs_inside_the_pseq_window_are_never_evicted() -> None:
         pseq = step * i + 1
         if pseq > p.hi - core_mod.MIN_PSEQ_WINDOW:       # inside the window: remembered
             assert big.lookup("p", pseq) == 10 * i + 1
+
+
+@pytest.mark.evicts_in_chunks
+@pytest.mark.keeps_pseq_window
+def test_a_producer_at_the_run_limit_evicts_in_chunks() -> None:
+    """One message per run at HARD_MAX_RUNS: runs are dropped EVICT_SLACK + 1 at
+    a time, so the arrays move once per that many messages (each move copies
+    every run), and the table never holds more than the limit plus the slack."""
+    t = DedupTable()
+    limit, slack = core_mod.HARD_MAX_RUNS, core_mod.EVICT_SLACK
+    sizes = []
+    for pseq in range(1, limit + 3 * slack + 10):
+        t.record("p", 2 * pseq, 3 * pseq)              # never contiguous: a run each
+        sizes.append(len(t.producer("p").starts))
+    assert max(sizes) == limit + slack
+    drops = [i for i in range(1, len(sizes)) if sizes[i] < sizes[i - 1]]
+    assert len(drops) == 3                             # one chunked eviction per slack + 1 runs
+    assert all(sizes[i] == limit for i in drops)
+    p = t.producer("p")
+    assert t.lookup("p", p.floor) is not None and t.lookup("p", p.floor - 2) == UNKNOWN_OLD
+    assert t.lookup("p", 2 * (len(sizes))) == 3 * len(sizes)     # the newest one
+
+
+@pytest.mark.evicts_in_chunks
+@pytest.mark.keeps_pseq_window
+def test_sensors_publishing_one_message_at_a_time_stay_small_and_resends_hit_memory() -> None:
+    """20 producers whose single-message frames interleave (GPIO sensors at
+    1 Hz) make one run per message. Each keeps at most HARD_MAX_RUNS runs, and
+    those still cover a default outbox (10,000 messages): a resend of any of
+    them is answered from memory with its seq, never UNKNOWN_OLD. Memory is
+    three int64 arrays (24 bytes per run; Python int lists took about 90, and
+    65,536 runs per producer were kept: 78 MB for these 20 sensors)."""
+    from plant.outbox import DEFAULT_MAX_COUNT
+    assert core_mod.HARD_MAX_RUNS >= DEFAULT_MAX_COUNT
+    t = DedupTable()
+    producers = [f"sensor-{i:02d}" for i in range(20)]
+    n = core_mod.HARD_MAX_RUNS + 3000
+    seq = 0
+    for pseq in range(1, n + 1):
+        for pid in producers:
+            seq += 1
+            t.record(pid, pseq, seq)
+    for k, pid in enumerate(producers):
+        p = t.producer(pid)
+        assert core_mod.HARD_MAX_RUNS <= len(p.starts) <= core_mod.HARD_MAX_RUNS + core_mod.EVICT_SLACK
+        assert p.floor == n - len(p.starts) + 1
+        for pseq in (n, n - DEFAULT_MAX_COUNT + 1, p.floor):
+            assert t.lookup(pid, pseq) == (pseq - 1) * len(producers) + k + 1
+        assert t.lookup(pid, p.floor - 1) == UNKNOWN_OLD
+        assert p.starts.itemsize == p.seqs.itemsize == p.counts.itemsize == 8
+    blob = t.snapshot(seq)
+    assert len(blob) <= 20 * core_mod.HARD_MAX_RUNS * 4       # compressed on disk
+    r, covered = DedupTable.restore(blob)
+    assert covered == seq and r.snapshot(seq) == blob
+
+
+def test_a_version_1_snapshot_still_restores() -> None:
+    """A node upgraded in place reads the snapshot its old version wrote."""
+    t = DedupTable()
+    spaced(t, "spaced", 50)
+    t.record("holes", 10, 1)
+    t.record("holes", 5, 2)
+    v1 = cbor2.dumps({"v": 1, "seq": 77, "producers": {
+        pid: [p.hi, p.floor, list(p.starts), list(p.seqs), list(p.counts)]
+        for pid, p in t._p.items()}})
+    r, covered = DedupTable.restore(v1)
+    assert covered == 77 and r.snapshot(77) == t.snapshot(77)
 
 
 def test_consecutive_hole_fills_merge_into_one_run() -> None:
@@ -368,7 +441,12 @@ def test_snapshot_restore_round_trip() -> None:
 
 @pytest.mark.parametrize("blob", [
     b"", b"\xff\xff", b"\xa0",
-    b"\xa1\x61v\x02",                                    # {"v": 2}: unknown version
+    b"\xa1\x61v\x03",                                    # {"v": 3}: unknown version
+    # version 2: the packed columns not zlib, not whole int64s, or not three equal columns
+    cbor2.dumps({"v": 2, "seq": 0, "producers": {"p": [0, 0, b"not zlib"]}}),
+    cbor2.dumps({"v": 2, "seq": 0, "producers": {"p": [0, 0, zlib.compress(b"1234567")]}}),
+    cbor2.dumps({"v": 2, "seq": 0, "producers": {"p": [0, 0, zlib.compress(bytes(16))]}}),
+    cbor2.dumps({"v": 2, "seq": 0, "producers": {"p": [0, 0, [1], [1], [1]]}}),
     # {"v": 1, "seq": 0, "producers": {"p": [0, 0, [1], [], []]}}: runs of unequal length
     b"\xa3\x61v\x01\x63seq\x00\x69producers\xa1\x61p\x85\x00\x00\x81\x01\x80\x80",
 ])
@@ -527,7 +605,7 @@ def test_a_frame_of_new_consecutive_pseqs_is_one_dedup_run() -> None:
     c = new_core()
     c.publish(b"r", 1, "a", items(*range(5, 2053)), now=10)
     p = c.dedup.producer("a")
-    assert (p.starts, p.seqs, p.counts, p.hi) == ([5], [1], [2048], 2052)
+    assert (list(p.starts), list(p.seqs), list(p.counts), p.hi) == ([5], [1], [2048], 2052)
     c.publish(b"r", 2, "a", items(*range(2053, 2060)), now=11)
-    assert (p.starts, p.seqs, p.counts, p.hi) == ([5], [1], [2055], 2059)
+    assert (list(p.starts), list(p.seqs), list(p.counts), p.hi) == ([5], [1], [2055], 2059)
     assert c.dedup.lookup("a", 2059) == 2055 and c.dedup.lookup("a", 4) is None
