@@ -872,17 +872,16 @@ class SequencerNode:
                 continue
             try:
                 msg = peerlink.decode_peer(frames[1:])
+                if isinstance(msg, peerlink.PeerHeartbeat):
+                    self._on_peer_hb(msg, now)
+                elif isinstance(msg, peerlink.Repl):
+                    repl_frames += 1
+                    appended |= self._on_repl(msg, time.monotonic())
+                elif isinstance(msg, peerlink.ReplAck):
+                    self._on_repl_ack(msg, now)
             except RemoteProtocolError as exc:
                 self.counters["peer_rejected"] += 1
                 log.warning("bad frame on the peer link: %s", exc)
-                continue
-            if isinstance(msg, peerlink.PeerHeartbeat):
-                self._on_peer_hb(msg, now)
-            elif isinstance(msg, peerlink.Repl):
-                appended |= self._on_repl(msg, time.monotonic())
-                repl_frames += 1
-            elif isinstance(msg, peerlink.ReplAck):
-                self._on_repl_ack(msg, now)
         if appended:
             self.log.sync()
             self._synced_upto = self.log.last_seq
@@ -955,10 +954,17 @@ class SequencerNode:
         if last and recs[0][0] != last + 1:
             self._peer_send(peerlink.encode_ack(self._synced_epoch, last))   # rewind, please
             return False
+        # Check every body before anything is written: as one array, so the strict
+        # decoder runs once per frame, and each body must be exactly the record of
+        # its seq (a body with bytes after its record would shift the array).
+        ms = env.decode_records(env.array_head(len(recs)) + b"".join(b for _s, _t, b in recs),
+                                limit=len(recs))
+        if len(ms) != len(recs) or any(m.seq != rec[0] for m, rec in zip(ms, recs)):
+            raise RemoteProtocolError("replicated record bodies do not match their seqs")
         self.log.append(recs)
-        for seq, _t, body in recs:
-            m = env.decode_record(body)
-            self.dedup.record(m.producer, m.producer_seq, seq)
+        record = self.dedup.record
+        for m in ms:
+            record(m.producer, m.producer_seq, m.seq)
         self.counters["replicated_records"] += len(recs)
         return True
 

@@ -1,0 +1,94 @@
+"""What a standby does with bad replication from its peer: real node process,
+the test plays the active node on the peer link with its own sockets.
+
+Invariant 6 (DESIGN.md): bad input never kills a process and changes no state;
+it is counted (``peer_rejected``) and logged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cbor2
+import pytest
+import zmq
+
+from orbcast.envelope import encode_record
+from sequencer import peer as peerlink
+from tests.integration.conftest import free_port, wait_for
+
+T = 1767225600123456789
+
+
+def rec(seq: int, pseq: int | None = None, *, body_seq: int | None = None) -> tuple[int, int, bytes]:
+    """The replicated record ``seq``; ``body_seq`` puts another seq inside its body."""
+    body = encode_record(body_seq or seq, 1, T + seq, "kitchen", pseq or seq, "sensors/t", b"21.5")
+    return (seq, T + seq, body)
+
+
+@pytest.fixture
+def standby_and_fake_active(tmp_path: Path, node_factory):  # type: ignore[no-untyped-def]
+    fake_ep = f"tcp://127.0.0.1:{free_port()}"
+    b = node_factory("b")
+    b.extra += ["--role", "standby", "--peer", b.peer, "--peer-connect", fake_ep]
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.ROUTER)          # the standby's heartbeats and acks arrive here
+    inbox.setsockopt(zmq.LINGER, 0)
+    inbox.bind(fake_ep)
+    b.start()
+    out = ctx.socket(zmq.DEALER)            # what "the active node" sends the standby
+    out.setsockopt(zmq.LINGER, 0)
+    out.connect(b.peer)
+    hb = peerlink.PeerHeartbeat(epoch=1, last_seq=0, node="fake-a", role="active",
+                                ingress="tcp://127.0.0.1:1", egress="tcp://127.0.0.1:2",
+                                in_sync=True, epochs=((1, 1),), time=T)
+
+    def follows() -> bool:
+        out.send_multipart(peerlink.encode_heartbeat(hb))
+        return b.status()["role"] == "standby" and b.status()["ha"].get("peer_role") == "active"
+
+    wait_for(follows, 20, "the standby to follow the fake active node")
+    yield b, out
+    out.close(0)
+    inbox.close(0)
+    ctx.term()
+
+
+def test_a_standby_refuses_replicated_records_that_are_not_what_they_claim(
+        standby_and_fake_active) -> None:  # type: ignore[no-untyped-def]
+    b, out = standby_and_fake_active
+    out.send_multipart(peerlink.encode_repl(1, [rec(1), rec(2), rec(3)]))
+    wait_for(lambda: b.status()["log_last_seq"] == 3, 20, "records 1-3 to be replicated")
+    good4 = rec(4)
+    bad = {
+        "a body with a byte after its record": [(4, T + 4, good4[2] + b"\x00")],
+        "a body holding another seq": [rec(4, body_seq=5)],
+        "a body that is not CBOR": [(4, T + 4, b"\xff\xfe")],
+        "a body that is two records": [(4, T + 4, good4[2] + rec(5)[2])],
+        "a body that is not a record": [(4, T + 4, cbor2.dumps([4, 1, 2]))],
+    }
+    for what, records in bad.items():
+        before = b.status()["counters"]["peer_rejected"]
+        out.send_multipart(peerlink.encode_repl(1, records))
+        wait_for(lambda: b.status()["counters"]["peer_rejected"] == before + 1, 20,
+                 f"the standby to reject {what}")
+        st = b.status()
+        assert st["log_last_seq"] == 3 and st["role"] == "standby", (what, st)
+        assert b.proc is not None and b.proc.alive()
+    out.send_multipart(peerlink.encode_repl(1, [good4, rec(5)]))      # and it goes on
+    wait_for(lambda: b.status()["log_last_seq"] == 5, 20, "records 4-5 after the bad ones")
+    b.stop()
+    assert [s for s, _p, _ps in b.records()] == [1, 2, 3, 4, 5]
+
+
+def test_frames_that_are_not_peer_messages_are_counted_and_ignored(
+        standby_and_fake_active) -> None:  # type: ignore[no-untyped-def]
+    b, out = standby_and_fake_active
+    head, body = peerlink.encode_ack(1, 0)
+    for frames in ([b"garbage"], [head, body + b"\x00"], [head + b"\x00", body],
+                   [cbor2.dumps([True, peerlink.REPL_ACK, 1, 0]), body], [head, b"\x80"]):
+        before = b.status()["counters"]["peer_rejected"]
+        out.send_multipart(frames)
+        wait_for(lambda: b.status()["counters"]["peer_rejected"] == before + 1, 20,
+                 f"the standby to reject {frames!r:.60}")
+    assert b.status()["role"] == "standby" and b.proc is not None and b.proc.alive()
