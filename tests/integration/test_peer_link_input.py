@@ -18,6 +18,7 @@ from sequencer import peer as peerlink
 from tests.integration.conftest import free_port, wait_for
 
 T = 1767225600123456789
+FAKE_INGRESS = "tcp://127.0.0.1:1"
 
 
 def rec(seq: int, pseq: int | None = None, *, body_seq: int | None = None) -> tuple[int, int, bytes]:
@@ -39,15 +40,18 @@ def standby_and_fake_active(tmp_path: Path, node_factory):  # type: ignore[no-un
     out = ctx.socket(zmq.DEALER)            # what "the active node" sends the standby
     out.setsockopt(zmq.LINGER, 0)
     out.connect(b.peer)
-    hb = peerlink.PeerHeartbeat(epoch=1, last_seq=0, node="fake-a", role="active",
-                                ingress="tcp://127.0.0.1:1", egress="tcp://127.0.0.1:2",
-                                in_sync=True, epochs=((1, 1),), time=T)
+    def heard_as(role: str) -> None:
+        hb = peerlink.PeerHeartbeat(epoch=1, last_seq=0, node="fake-a", role=role,
+                                    ingress=FAKE_INGRESS, egress="tcp://127.0.0.1:2",
+                                    in_sync=True, epochs=((1, 1),), time=T)
 
-    def follows() -> bool:
-        out.send_multipart(peerlink.encode_heartbeat(hb))
-        return b.status()["role"] == "standby" and b.status()["ha"].get("peer_role") == "active"
+        def heard() -> bool:
+            out.send_multipart(peerlink.encode_heartbeat(hb))
+            return b.status()["ha"].get("peer_role") == role
 
-    wait_for(follows, 20, "the standby to follow the fake active node")
+        wait_for(heard, 20, f"the standby to hear its peer as {role}")
+
+    b.heard_as = heard_as
     yield b, out
     out.close(0)
     inbox.close(0)
@@ -57,6 +61,8 @@ def standby_and_fake_active(tmp_path: Path, node_factory):  # type: ignore[no-un
 def test_a_standby_refuses_replicated_records_that_are_not_what_they_claim(
         standby_and_fake_active) -> None:  # type: ignore[no-untyped-def]
     b, out = standby_and_fake_active
+    b.heard_as("active")
+    assert b.status()["role"] == "standby"
     out.send_multipart(peerlink.encode_repl(1, [rec(1), rec(2), rec(3)]))
     wait_for(lambda: b.status()["log_last_seq"] == 3, 20, "records 1-3 to be replicated")
     good4 = rec(4)
@@ -84,6 +90,7 @@ def test_a_standby_refuses_replicated_records_that_are_not_what_they_claim(
 def test_frames_that_are_not_peer_messages_are_counted_and_ignored(
         standby_and_fake_active) -> None:  # type: ignore[no-untyped-def]
     b, out = standby_and_fake_active
+    b.heard_as("active")
     head, body = peerlink.encode_ack(1, 0)
     for frames in ([b"garbage"], [head, body + b"\x00"], [head + b"\x00", body],
                    [cbor2.dumps([True, peerlink.REPL_ACK, 1, 0]), body], [head, b"\x80"]):
@@ -92,3 +99,17 @@ def test_frames_that_are_not_peer_messages_are_counted_and_ignored(
         wait_for(lambda: b.status()["counters"]["peer_rejected"] == before + 1, 20,
                  f"the standby to reject {frames!r:.60}")
     assert b.status()["role"] == "standby" and b.proc is not None and b.proc.alive()
+
+
+def test_a_node_that_is_not_active_names_what_its_peer_is(standby_and_fake_active) -> None:  # type: ignore[no-untyped-def]
+    """``not-active`` calls the peer the active node only when the peer says so."""
+    from orbcast.envelope import Error, Publish
+    from orbcast.rpc import request
+    b, _out = standby_and_fake_active
+    for role, tail in (("primary", f"its peer at {FAKE_INGRESS} is not active either (it reports 'primary')"),
+                       ("active", f"the active node is at {FAKE_INGRESS}")):
+        b.heard_as(role)
+        r = request(b.ingress, Publish(rid=8, producer="p", items=((1, "t", b"x"),)))
+        assert type(r) is Error and r.code == "not-active", r
+        assert r.message.endswith(tail), r.message
+    assert b.status()["log_last_seq"] == 0
