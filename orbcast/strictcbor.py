@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import cbor2
 
-__all__ = ["loads", "STRICT"]
+__all__ = ["STRICT", "loads"]
 
 
 def _no_tag(*_: Any) -> NoReturn:

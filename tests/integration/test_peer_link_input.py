@@ -76,7 +76,7 @@ def test_a_standby_refuses_replicated_records_that_are_not_what_they_claim(
     for what, records in bad.items():
         before = b.status()["counters"]["peer_rejected"]
         out.send_multipart(peerlink.encode_repl(1, records))
-        wait_for(lambda: b.status()["counters"]["peer_rejected"] == before + 1, 20,
+        wait_for(lambda before=before: b.status()["counters"]["peer_rejected"] == before + 1, 20,
                  f"the standby to reject {what}")
         st = b.status()
         assert st["log_last_seq"] == 3 and st["role"] == "standby", (what, st)
@@ -96,7 +96,7 @@ def test_frames_that_are_not_peer_messages_are_counted_and_ignored(
                    [cbor2.dumps([True, peerlink.REPL_ACK, 1, 0]), body], [head, b"\x80"]):
         before = b.status()["counters"]["peer_rejected"]
         out.send_multipart(frames)
-        wait_for(lambda: b.status()["counters"]["peer_rejected"] == before + 1, 20,
+        wait_for(lambda before=before: b.status()["counters"]["peer_rejected"] == before + 1, 20,
                  f"the standby to reject {frames!r:.60}")
     assert b.status()["role"] == "standby" and b.proc is not None and b.proc.alive()
 

@@ -16,7 +16,15 @@ import pytest
 from orbcast import envelope as env
 from orbcast import link as L
 from orbcast import strictcbor
-from orbcast.envelope import Batch, Hello, Publish, decode, decode_records, encode, encode_record
+from orbcast.envelope import (
+    Batch,
+    Hello,
+    Publish,
+    decode,
+    decode_records,
+    encode,
+    encode_record,
+)
 from orbcast.errors import AuthenticationError, RemoteProtocolError
 from sequencer import peer
 
