@@ -108,7 +108,7 @@ class SequencerConfig:
     #: A replay with no credit for this long is dropped.
     replay_idle_s: float = 30.0
     #: PUB send high-water mark (messages): what a slow SUB may queue.
-    egress_hwm: int = 10_000
+    egress_hwm: int = 1_000
     #: "none" (loopback only) or "ratchet" (link security; see docs/security.md).
     security: str = "none"
     #: With security = "ratchet": this node's identity key file (``plant keys

@@ -60,9 +60,11 @@ HARD_MAX_RUNS = 1 << 14
 #: Runs are evicted once a limit is exceeded by this many, then down to the
 #: limit: one move of the arrays per EVICT_SLACK new runs, not one per run.
 EVICT_SLACK = 1024
-#: Bytes of record bodies per egress batch (stay well under a plant's
-#: 1 MiB body limit with room for the envelope).
-MAX_EGRESS_BATCH_BYTES = MAX_BODY_BYTES - 64 * 1024
+#: Bytes of record bodies per egress batch. Small, because ZeroMQ counts its
+#: high-water mark in messages: a subscriber that stops reading holds up to
+#: egress_hwm batches of the node's memory (1,000 x 64 KiB by default; with
+#: batches of ~1 MiB it was gigabytes). Batches this size cost no throughput.
+MAX_EGRESS_BATCH_BYTES = 64 * 1024
 #: Topic encodings cached by the hot path; bounded so a producer cycling
 #: through unique topics cannot grow the cache without limit.
 TOPIC_CACHE_SIZE = 4096

@@ -259,6 +259,16 @@ class Node:
         if self.proc:
             self.proc.kill9()
 
+    def mem_kb(self) -> dict[str, int]:
+        """VmRSS, VmHWM, ... of the running node process, in kB (/proc)."""
+        assert self.proc is not None
+        out = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if v.strip().endswith(" kB"):
+                out[k] = int(v.split()[0])
+        return out
+
     def stop(self) -> int:
         return self.proc.terminate() if self.proc else 0
 

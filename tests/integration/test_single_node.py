@@ -265,3 +265,48 @@ def test_a_wake_between_the_engines_read_and_clear_is_not_lost(tmp_path: Path, n
 def _readable(fd: int) -> bool:
     import select
     return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_a_subscriber_that_stops_reading_costs_the_node_a_bounded_amount(
+        tmp_path: Path, procs: list, node_factory) -> None:
+    """A plant that freezes (SIGSTOP, an overloaded Pi) stops reading egress.
+    ZeroMQ queues for it until ``egress_hwm`` batches of at most
+    ``MAX_EGRESS_BATCH_BYTES``, then drops for it alone (DESIGN.md invariant 5).
+    Batches of up to 1 MiB under a 10,000-message limit let such a subscriber
+    hold gigabytes: the node grew by ~70 MB/s at 1 KiB messages. A consumer
+    that keeps reading still gets every message, in order."""
+    import zmq
+
+    from orbcast.config import PlantConfig, SequencerConfig
+    from plant.client import Plant
+    from sequencer.core import MAX_EGRESS_BATCH_BYTES
+    node = node_factory().start()
+    ctx = zmq.Context()
+    frozen = ctx.socket(zmq.SUB)
+    frozen.setsockopt(zmq.LINGER, 0)
+    frozen.setsockopt(zmq.RCVHWM, 1)
+    frozen.setsockopt(zmq.RCVBUF, 1 << 16)
+    frozen.setsockopt(zmq.SUBSCRIBE, b"")
+    frozen.connect(node.egress)
+    assert frozen.poll(10_000), "no heartbeat on egress"
+    frozen.recv()                              # connected; from now on it never reads
+    n = 400_000                                # 400 MB of payload through the node
+    cons = plant_proc(tmp_path, procs, "consumer", "c", node, "--count", str(n), "--start", "1")
+    payload = bytes(1024)
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="p", data=str(tmp_path / "pl"))
+    acks = {}
+    with Plant(cfg, outbox=False) as p:
+        for start in range(0, n, 5000):
+            ts = [p.publish_nowait("t/a", payload) for _ in range(5000)]
+            p.flush(120)
+            acks.update({("p", t.wait_accepted(10)): t.result(10) for t in ts})
+    assert cons.wait(120) == 0, cons.output()[-3000:]
+    check({"c": read_out(tmp_path / "c.out")["D"]}, acks, start=1)
+    hwm_mb = node.mem_kb()["VmHWM"] / 1024
+    # what the frozen subscriber may hold, by the defaults: 64 MB; with the node's
+    # own ~30 MB and as much again for the live consumer's queue if it lags, 220 MB
+    # (400 MB of payload went through: unbounded, the node grows past 400 MB)
+    assert SequencerConfig().egress_hwm * MAX_EGRESS_BATCH_BYTES <= 64 << 20
+    assert hwm_mb < 220, f"node peak RSS {hwm_mb:.0f} MB"
+    frozen.close(0)
+    ctx.term()
