@@ -66,8 +66,13 @@ REPLAY_CHUNKS_PER_TURN = 8
 #: the SD card every 30 s, while the log records a restart replays into the
 #: table are at most this many (well under a second on a Pi 4).
 DEDUP_SNAPSHOT_RECORDS = 200_000
-#: Ingress receive high-water mark (frames queued per peer in ZeroMQ).
-INGRESS_HWM = 10_000
+#: Ingress receive high-water mark: frames ZeroMQ queues per connection before
+#: it stops reading that connection (TCP pushes back on the sender). A plant
+#: keeps at most 16 PUBLISH frames (MAX_INFLIGHT_FRAMES) and a few requests in
+#: flight; a sender that ignores that -- a buggy client pipelining without acks
+#: -- could otherwise park 10,000 frames of up to 1 MiB in the node (measured:
+#: 3.4 GB after 15 s). 64 frames bound it to 64 MiB per connection.
+INGRESS_HWM = 64
 #: Records sent to the standby and not yet acked, at most (bounds what the
 #: peer link buffers while a standby catches up).
 REPL_WINDOW = 65_536

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.invariants import check, check_log
-from tests.integration.conftest import plant_proc, read_out
+from tests.integration.conftest import plant_proc, read_out, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -309,4 +309,40 @@ def test_a_subscriber_that_stops_reading_costs_the_node_a_bounded_amount(
     assert SequencerConfig().egress_hwm * MAX_EGRESS_BATCH_BYTES <= 64 << 20
     assert hwm_mb < 220, f"node peak RSS {hwm_mb:.0f} MB"
     frozen.close(0)
+    ctx.term()
+
+
+def test_a_sender_that_ignores_acks_is_held_back_not_buffered(tmp_path: Path, node_factory) -> None:
+    """A client that pipelines PUBLISH frames without waiting for acks (a buggy
+    client; a plant keeps at most 16 frames in flight) is read only as fast as
+    the node sequences: ZeroMQ queues at most INGRESS_HWM frames for its
+    connection and TCP pushes back on the rest. With 10,000 frames allowed the
+    node held 3.4 GB after 15 s of such a flood. Meanwhile a well-behaved plant
+    still gets its messages acked."""
+    import zmq
+
+    from orbcast.config import PlantConfig
+    from orbcast.envelope import Publish, encode
+    from plant.client import Plant
+    node = node_factory().start()
+    ctx = zmq.Context()
+    flood = ctx.socket(zmq.DEALER)
+    flood.setsockopt(zmq.LINGER, 0)
+    flood.setsockopt(zmq.SNDHWM, 0)           # the test process buffers, not the node
+    flood.connect(node.ingress)
+    payload = bytes(1000)
+    frames = 400                              # 200 MB of new messages, as fast as ZeroMQ takes them
+    for f in range(frames):
+        items = tuple((f * 500 + i + 1, "t/flood", payload) for i in range(500))
+        flood.send_multipart(encode(Publish(rid=f + 1, producer="flood", items=items)))
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="good", data=str(tmp_path / "pl"))
+    with Plant(cfg, outbox=False) as p:
+        seq = p.publish("t/good", b"hello", timeout=60)
+    assert seq > 0
+    wait_for(lambda: node.status()["last_seq"] >= frames * 500 + 1, 120,
+             "the flood to be sequenced")
+    hwm_mb = node.mem_kb()["VmHWM"] / 1024
+    # 64 frames of 0.5 MB queued, the node's own ~30 MB, a turn's records and batches
+    assert hwm_mb < 150, f"node peak RSS {hwm_mb:.0f} MB"
+    flood.close(0)
     ctx.term()
