@@ -131,6 +131,11 @@ class DedupTable:
             return p.seqs[i] + (pseq - p.starts[i])
         return None
 
+    def max_seq(self) -> int:
+        """The highest seq any remembered pair was given (0 for an empty table)."""
+        return max((max(map(int.__add__, p.seqs, p.counts)) - 1 for p in self._p.values()
+                    if p.seqs), default=0)
+
     def record(self, pid: str, pseq: int, seq: int) -> None:
         """Remember that ``(pid, pseq)`` was given ``seq``."""
         self._record(self.producer(pid), pseq, seq)

@@ -433,6 +433,9 @@ class LogStore:
         self._segs: list[_Segment] = []
         self._closed = False
         self._broken: BaseException | None = None
+        #: Fault injection (tests, ADMIN ``fault-disk-full``): raised by the next
+        #: segment write instead of writing, as a full disk would.
+        self.fault_write_error: OSError | None = None
         self._dirty = False  # the newest segment has writes not yet fsynced
         self._dir_dirty = False  # a segment was created since the last directory fsync
         self._stats = _Stats()
@@ -564,6 +567,8 @@ class LogStore:
             if new:
                 seg.wfd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
                                   | _OPEN_FLAGS, 0o644)
+            if self.fault_write_error is not None:
+                raise self.fault_write_error
             _write_all(self._wfd(seg), buf)
         except OSError as exc:
             self._broken = exc

@@ -21,6 +21,7 @@ not keep acking what it cannot keep.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
 import json
 import logging
@@ -249,6 +250,12 @@ class SequencerNode:
                 table, covered = DedupTable(), 0
             if covered > self.log.last_seq:   # log was cut back: rebuild
                 table, covered = DedupTable(), 0
+            elif table.max_seq() > self.log.last_seq:
+                # pairs of records the log does not hold (a snapshot written by an
+                # older version after a failed write): not to be trusted
+                log.warning("ignoring dedup snapshot %s: it names seq %d, the log ends at %d; "
+                            "rebuilding from the log", p, table.max_seq(), self.log.last_seq)
+                table, covered = DedupTable(), 0
         start = max(covered + 1, self.log.first_seq or 1)
         n = 0
         if self.log.last_seq >= start:
@@ -262,6 +269,17 @@ class SequencerNode:
 
     def _snapshot_dedup(self) -> None:
         upto = self.core.durable_seq if self.core else self._synced_upto
+        # The table learns a pair when its seq is assigned, before the record is
+        # written. Saved while a record is not yet in the fsynced log (after a
+        # failed write: the clean stop that follows a full disk), a restart would
+        # take the pair for a duplicate of a record that does not exist, and ack a
+        # resend with a seq the log then gives to another message.
+        assigned = self.core.last_seq if self.core else self.log.last_seq
+        if assigned > self._synced_upto:
+            log.warning("dedup snapshot not written: seqs up to %d are assigned but only %d "
+                        "are durable (the log is rebuilt into the table at start)",
+                        assigned, self._synced_upto)
+            return
         _atomic_write(self.data / "dedup.snapshot", self.dedup.snapshot(upto))
         self._snap_seq = upto
 
@@ -315,6 +333,9 @@ class SequencerNode:
         against the active node's history before we replicate."""
         if self.core is not None and self.core.has_unwritten:
             self.core.take_unwritten()          # never written: nothing to keep
+            # ...but the dedup table already knows their pairs: reload it from the
+            # snapshot and the log, or a resend of one would be taken as a duplicate
+            self.dedup = self._load_dedup()
         self.core = None
         if self.sec is not None:
             self.sec.stop_broadcast()
@@ -580,6 +601,10 @@ class SequencerNode:
         elif cmd == "fault-cut-peer" and self.cfg.faults:
             self.fault_cut_peer = bool(ev.arg)
             log.warning("fault injection: peer link %s", "CUT" if ev.arg else "restored")
+        elif cmd == "fault-disk-full" and self.cfg.faults:
+            self.log.fault_write_error = (
+                OSError(errno.ENOSPC, "No space left on device (fault injection)") if ev.arg else None)
+            log.warning("fault injection: log writes %s", "FAIL (disk full)" if ev.arg else "work")
         elif cmd == "reload":
             err = self.reload()
             if err is not None:

@@ -346,3 +346,31 @@ def test_a_sender_that_ignores_acks_is_held_back_not_buffered(tmp_path: Path, no
     assert hwm_mb < 150, f"node peak RSS {hwm_mb:.0f} MB"
     flood.close(0)
     ctx.term()
+
+
+def test_a_full_disk_stops_the_node_and_after_a_restart_every_message_is_sequenced_once(
+        tmp_path: Path, procs: list, node_factory) -> None:
+    """The log write fails (ENOSPC, injected): the node stops (exit 3) with the
+    records of that turn assigned but never written. Its clean stop used to
+    save those pairs in the dedup snapshot, so after the restart every resend
+    was taken for a duplicate of a record that does not exist: never acked,
+    and had the acks gone out, they would have named seqs the log then gave to
+    other messages. Now every message is in the log once, under the seq its
+    ack names."""
+    from orbcast.envelope import Admin
+    from orbcast.rpc import request
+    node = node_factory(env={"ORBCAST_SEQUENCER_FAULTS": "1"}).start()
+    pub = plant_proc(tmp_path, procs, "publisher", "p", node, "--count", "6000", "--batch", "200",
+                     "--rate", "4000")
+    wait_for(lambda: len(read_out(tmp_path / "p.out")["K"]) >= 1000, 60, "acks before the fault")
+    request(node.ingress, Admin(rid=1, command="fault-disk-full", arg=1))
+    assert node.proc is not None
+    assert node.proc.wait(30) == 3, node.proc.output()[-2000:]
+    assert "No space left on device" in node.proc.output()
+    node.env.pop("ORBCAST_SEQUENCER_FAULTS")
+    node.start()
+    assert pub.wait(120) == 0, pub.output()[-3000:]
+    acks = {("p", ps): s for ps, s in read_out(tmp_path / "p.out")["K"]}
+    assert len(acks) == 6000
+    node.stop()
+    assert len(check_log(node.records(), acks)) == 6000

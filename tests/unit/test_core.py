@@ -285,6 +285,20 @@ def test_sensors_publishing_one_message_at_a_time_stay_small_and_resends_hit_mem
     assert covered == seq and r.snapshot(seq) == blob
 
 
+def test_max_seq_is_the_highest_seq_any_remembered_pair_got() -> None:
+    t = DedupTable()
+    assert t.max_seq() == 0
+    for i in range(10):
+        t.record("a", i, 100 + i)                         # one run: seqs 100..109
+    t.record("b", 5, 7)
+    t.record("b", 2, 300)                                 # a late hole fill
+    assert t.max_seq() == 300
+    t.record("a", 10, 110)
+    assert t.max_seq() == 300
+    t.record("a", 11, 400)
+    assert t.max_seq() == 400
+
+
 def test_a_version_1_snapshot_still_restores() -> None:
     """A node upgraded in place reads the snapshot its old version wrote."""
     t = DedupTable()
