@@ -116,6 +116,7 @@ class SequencerNode:
             "sequenced": 0, "duplicates": 0, "rejected_frames": 0, "replayed_records": 0,
             "fsyncs": 0, "fsync_seconds": 0.0, "fsync_max_ms": 0.0, "egress_batches": 0,
             "egress_dropped_injected": 0, "acks": 0, "dedup_log_lookups": 0,
+            "dedup_snapshot_failures": 0,
             "replicated_records": 0, "repl_acks": 0, "peer_rejected": 0, "role_changes": 0,
             "tail_records_set_aside": 0, "max_turn_ms": 0.0,
         }
@@ -280,8 +281,16 @@ class SequencerNode:
                         "are durable (the log is rebuilt into the table at start)",
                         assigned, self._synced_upto)
             return
-        _atomic_write(self.data / "dedup.snapshot", self.dedup.snapshot(upto))
-        self._snap_seq = upto
+        self._snap_seq = upto                 # (on failure too: retried after as many records)
+        try:
+            _atomic_write(self.data / "dedup.snapshot", self.dedup.snapshot(upto))
+        except OSError as exc:
+            # Derived data: the node needs it only to start faster. A full disk must
+            # not stop a node whose log writes still succeed; keep the old snapshot.
+            self.counters["dedup_snapshot_failures"] += 1
+            log.warning("dedup snapshot not written (%s); the previous one and the log "
+                        "rebuild the table at start", exc)
+            (self.data / "dedup.snapshot.tmp").unlink(missing_ok=True)
 
     def _old_lookup(self, pid: str, pseq: int) -> int | None:
         """Search the log for a pair older than the dedup window (rare)."""
