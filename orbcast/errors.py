@@ -31,6 +31,7 @@ __all__ = [
     "AuthenticationError",
     "ReplayRejected",
     "OutboxFull",
+    "OutboxWriteFailed",
     "OrbcastTimeout",
 ]
 
@@ -151,6 +152,15 @@ class OutboxFull(OrbcastError, RuntimeError):
         self.size = size
         self.max_count = max_count
         self.max_bytes = max_bytes
+
+
+class OutboxWriteFailed(OrbcastError, RuntimeError):
+    """The plant's on-disk outbox could not write a batch (a full disk, say).
+
+    Nothing of the batch was written and the outbox stays usable: publishing
+    again succeeds once there is room. (A failed *fsync* is different: the
+    outbox then stops, :class:`DurabilityError`.)
+    """
 
 
 class OrbcastTimeout(OrbcastError, TimeoutError):

@@ -37,7 +37,7 @@ from orbcast.config import PlantConfig
 from orbcast.envelope import (Ack, Batch, Error, Heartbeat, Message, Ping, Pong,
                               ReplayChunk, StatusReply, StatusRequest, Welcome, Hello)
 from orbcast.errors import (AuthenticationError, ClosedError, LocalProtocolError, OrbcastTimeout,
-                            OutboxFull, RemoteProtocolError, ReplayRejected)
+                            OutboxFull, OutboxWriteFailed, RemoteProtocolError, ReplayRejected)
 
 from .checkpoint import Checkpointer, CheckpointStore
 from .outbox import Outbox
@@ -450,7 +450,7 @@ class Plant:
         self._unsent_actions: list[Any] = []  # tracker requests a fresh connection refused
         self._unsent_hello: Hello | None = None
         self.counters = {"published": 0, "acked": 0, "resent": 0, "rejected": 0,
-                         "bad_frames": 0, "batches": 0, "heartbeats": 0}
+                         "bad_frames": 0, "batches": 0, "heartbeats": 0, "outbox_write_failed": 0}
         # link security (docs/security.md): one ratchet session with the node we
         # talk to, the broadcast keys of the active node
         self._link: LinkClient | None = None
@@ -724,11 +724,24 @@ class Plant:
         except BaseException as exc:   # surface to callers instead of dying silently
             self._engine_error = exc
             log.exception("plant engine stopped")
+            self._fail_pending(exc)
             self._ready.set()
         finally:
             self._teardown()
             with self._cond:
                 self._cond.notify_all()
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        """The engine stopped: every ticket still waiting learns why at once
+        (instead of at its timeout). Accepted ones stay in the outbox on disk and
+        go out when the plant runs again; this Ticket can no longer see that."""
+        err = ClosedError(f"the plant's engine stopped: {exc}")
+        err.__cause__ = exc
+        pending = list(self._submit) + list(self._blocked) + list(self._inflight_tickets.values())
+        for t in pending:
+            if t.seq is None and t.error is None:
+                t.error = err
+                t._finish()
 
     def _setup(self) -> None:
         self._dealer: zmq.Socket | None = None
@@ -983,6 +996,18 @@ class Plant:
         batch: list[Ticket] = [pop() for _ in range(min(room, len(self._submit)))]
         try:
             pseqs = self._out_box.append([t.item for t in batch])
+        except OutboxWriteFailed as exc:
+            # a full disk: these messages were not kept; say so to their publishers
+            # and go on (the next batch is tried afresh, and works once there is room)
+            self.counters["outbox_write_failed"] += len(batch)
+            log.warning("%s", exc)
+            for t in batch:
+                t.error = exc
+                t._finish()
+            self._accepting = False
+            with self._cond:
+                self._cond.notify_all()
+            return
         except OutboxFull as exc:
             if self.on_full == "block":
                 self._blocked.extend(batch)
@@ -996,6 +1021,10 @@ class Plant:
             with self._cond:
                 self._cond.notify_all()
             return
+        except BaseException:
+            self._submit.extendleft(reversed(batch))   # the engine stops: _run fails them all
+            self._accepting = False
+            raise
         self._inflight_tickets.update(zip(pseqs, batch))
         for ps, t in zip(pseqs, batch):
             t.pseq = ps

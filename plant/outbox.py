@@ -137,6 +137,7 @@ from orbcast.errors import (
     LocalProtocolError,
     LogCorruptedError,
     OutboxFull,
+    OutboxWriteFailed,
 )
 
 __all__ = [
@@ -342,6 +343,8 @@ class Outbox:
         self._fsync = fsync
         self.writes = 0
         self.syncs = 0
+        #: appends refused by write() (a full disk) and cut back: the outbox went on
+        self.write_failures = 0
         # pseq -> (topic, payload, topic+payload bytes); insertion order is pseq order.
         self._entries: dict[int, tuple[str, bytes, int]] = {}
         # Ascending pseqs; slots before _head and slots whose pseq is no longer in
@@ -504,6 +507,24 @@ class Outbox:
         old_end = self._end
         try:
             self._write(data)
+        except OSError as exc:
+            # write() refused (a full card): nothing of the batch was confirmed. Cut
+            # the file back to its last good byte and stay usable; only if that
+            # fails too is the file's state unknown.
+            try:
+                os.ftruncate(self._fd, old_end)
+            except OSError:
+                self._fail(exc, truncate_to=None)
+                raise DurabilityError(
+                    f"outbox {self._path}: appending {n} messages failed: {exc}, and "
+                    "cutting the file back failed too"
+                ) from exc
+            self.write_failures += 1
+            raise OutboxWriteFailed(
+                f"outbox {self._path}: could not write {n} messages ({exc}); nothing "
+                "was kept, publish again once there is room"
+            ) from exc
+        try:
             self._sync()
         except OSError as exc:
             self._fail(exc, truncate_to=old_end)

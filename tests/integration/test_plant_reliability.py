@@ -139,3 +139,69 @@ def test_checkpoint_resume_after_kill9(tmp_path: Path, procs: list, node_factory
     check({"resumed": second}, {k: v for k, v in acks.items() if v > saved}, start=saved + 1)
     # at-least-once across the crash: together the two runs cover 1..20000
     assert {d[0] for d in first} | {d[0] for d in second} == set(range(1, 20001))
+
+
+def test_a_full_disk_fails_those_publishes_and_the_plant_goes_on(
+        tmp_path: Path, node_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outbox's write is refused (ENOSPC, injected at os.write): those
+    messages' tickets fail with OutboxWriteFailed at once, the plant's engine
+    keeps running, and the next publish is accepted and acked. It used to stop
+    the engine for good, leaving every waiting ticket to time out."""
+    import errno
+
+    from orbcast.config import PlantConfig
+    from orbcast.errors import OutboxWriteFailed
+    from plant import outbox as outbox_mod
+    from plant.client import Plant
+    node = node_factory().start()
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="full", data=str(tmp_path / "pl"))
+    with Plant(cfg, outbox=True) as p:
+        assert p.publish("t/a", b"before", timeout=30) == 1
+        real_write = outbox_mod.os.write
+
+        def no_space(fd: int, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(outbox_mod.os, "write", no_space)
+        tickets = [p.publish_nowait("t/a", b"lost %d" % i) for i in range(10)]
+        for t in tickets:
+            with pytest.raises(OutboxWriteFailed):
+                t.wait_accepted(10)
+        assert p.counters["outbox_write_failed"] == 10
+        monkeypatch.setattr(outbox_mod.os, "write", real_write)
+        assert p.publish("t/a", b"after", timeout=30) == 2      # the engine went on
+        p.flush(30)
+        assert p.outbox_depth == 0
+    node.stop()
+    assert [(s, ps) for s, _p, ps in node.records()] == [(1, 1), (2, 2)]
+
+
+def test_when_the_engine_stops_waiting_tickets_learn_it_at_once(
+        tmp_path: Path, node_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed fsync stops the outbox (its state on disk is unknown) and with
+    it the plant's engine; every ticket still waiting gets that error instead
+    of waiting for its timeout."""
+    import errno
+
+    from orbcast.config import PlantConfig
+    from orbcast.errors import ClosedError, DurabilityError
+    from plant import outbox as outbox_mod
+    from plant.client import Plant
+    node = node_factory().start()
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="io", data=str(tmp_path / "pl"))
+    p = Plant(cfg, outbox=True)
+    try:
+        assert p.publish("t/a", b"before", timeout=30) == 1
+
+        def io_error(fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(outbox_mod.os, "fsync", io_error)
+        tickets = [p.publish_nowait("t/a", b"x") for _ in range(50)]
+        for t in tickets:            # (before: OrbcastTimeout, after 30 s each)
+            with pytest.raises(ClosedError, match="Input/output error") as info:
+                t.wait_accepted(30)
+            assert isinstance(info.value.__cause__, DurabilityError)
+        monkeypatch.undo()
+    finally:
+        p.close()

@@ -23,6 +23,7 @@ from orbcast.errors import (
     LocalProtocolError,
     LogCorruptedError,
     OutboxFull,
+    OutboxWriteFailed,
 )
 from plant import outbox as outbox_mod
 from plant.outbox import COMPACT_MIN_DEAD_BYTES, FILE_NAME, HEADER, Outbox
@@ -298,6 +299,39 @@ def test_fsync_failure_raises_and_leaves_state_unchanged(
     with Outbox(tmp_path) as box:
         assert box.pending() == before[3]
         assert box.append(items(1)) == [3]
+
+
+def test_a_refused_write_keeps_nothing_and_the_outbox_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """write() refused (a full SD card), even half-way: the batch is not kept,
+    the file is cut back to its last good byte, and -- unlike a failed fsync,
+    after which the kernel's view cannot be trusted -- the outbox stays usable,
+    so a publisher recovers by itself once there is room."""
+    box = Outbox(tmp_path)
+    box.append(items(2))
+    before = (box.count, box.size, box.next_pseq, box.pending(), box.file_size)
+    real_write = os.write
+
+    def half_then_full(fd: int, data: object) -> int:
+        monkeypatch.setattr(os, "write", no_space)
+        return real_write(fd, memoryview(data)[: len(memoryview(data)) // 2])  # type: ignore[arg-type]
+
+    def no_space(fd: int, data: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OutboxWriteFailed) as info:
+        box.append(items(3, start=2))
+    assert isinstance(info.value.__cause__, OSError)
+    monkeypatch.undo()
+    assert (box.count, box.size, box.next_pseq, box.pending(), box.file_size) == before
+    assert os.path.getsize(box.path) == before[4]          # the half-written batch is gone
+    assert box.write_failures == 1
+    assert box.append(items(1, start=9)) == [3]            # and the next one goes in
+    box.close()
+    with Outbox(tmp_path) as box:                          # what is on disk is exactly that
+        assert [p for p, _t, _pl in box.pending()] == [1, 2, 3]
 
 
 def test_close_is_idempotent_and_use_after_close_raises(tmp_path: Path) -> None:
