@@ -233,6 +233,10 @@ class PlantConfig:
     #: Live messages buffered above a gap before they are dropped (and later
     #: fetched by replay).
     gap_buffer: int = 20_000
+    #: Messages waiting for the application per subscription; past that, live
+    #: batches are dropped and fetched again by replay once it catches up. The
+    #: plant's memory bound for an application that stops taking messages.
+    ready_limit: int = 65_536
     #: Replay chunks in flight (flow control credit).
     replay_credit: int = 4
     #: Records per replay chunk requested.
@@ -265,6 +269,11 @@ class PlantConfig:
         _check_range(self, "gap_buffer", 1, 10_000_000)
         _check_range(self, "replay_credit", 1, 64)
         _check_range(self, "replay_chunk_records", 1, 16384)
+        _check_range(self, "ready_limit", 2, 10_000_000)
+        if self.ready_limit < 2 * self.replay_chunk_records:
+            raise ConfigError(f"ready_limit ({self.ready_limit}) must be at least twice "
+                              f"replay_chunk_records ({self.replay_chunk_records}), or a replay "
+                              "could never hand over a chunk", field="plant.ready_limit")
         if self.security not in ("none", "ratchet"):
             raise ConfigError(f"security must be \"none\" or \"ratchet\", not {self.security!r}",
                               field="plant.security")

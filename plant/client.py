@@ -588,6 +588,7 @@ class Plant:
                 start = Start.at_seq(saved + 1)
         st = start if isinstance(start, Start) else parse_start(start)
         tr = Tracker(start=st, prefix=prefix, new_rid=self._rid, buffer_limit=self.cfg.gap_buffer,
+                     ready_limit=self.cfg.ready_limit,
                      credit=self.cfg.replay_credit, chunk_records=self.cfg.replay_chunk_records,
                      request_timeout=self.cfg.request_timeout_ms / 1000, to_seq=to_seq)
         sub = Subscription(self, tr, cp, auto_ack)

@@ -374,3 +374,33 @@ def test_a_full_disk_stops_the_node_and_after_a_restart_every_message_is_sequenc
     assert len(acks) == 6000
     node.stop()
     assert len(check_log(node.records(), acks)) == 6000
+
+
+def test_a_subscription_holds_at_most_ready_limit_messages_for_its_application(
+        tmp_path: Path, node_factory) -> None:
+    """An application that stops taking messages: the plant keeps about
+    ``ready_limit`` of them waiting -- at most one more live batch, here of 500 --
+    (the rest is dropped and fetched again by replay), and when the application
+    reads again it gets every message, in order."""
+    from orbcast.config import PlantConfig
+    from plant.client import Plant
+    node = node_factory().start()
+    n = 6000
+    pub_cfg = PlantConfig(sequencers=[node.ingress], producer_id="p", data=str(tmp_path / "p"))
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="c", data=str(tmp_path / "c"),
+                      ready_limit=200, replay_chunk_records=100)
+    with Plant(cfg, outbox=False) as c, Plant(pub_cfg, outbox=False) as p:
+        sub = c.subscribe("", start=1)
+        for _ in range(n // 500):
+            for i in range(500):
+                p.publish_nowait("t/r", b"%d" % i)
+            p.flush(60)
+        wait_for(lambda: sub.tracker.stats()["known_tail"] >= n, 30, "the plant to see the tail")
+        assert len(sub.tracker.ready) <= 200 + 500
+        got = [m.seq for m in sub.get_many(n, timeout=30)]
+        while len(got) < n:
+            ms = sub.get_many(n, timeout=30)
+            assert ms, f"stalled at {len(got)}"
+            got += [m.seq for m in ms]
+            assert len(sub.tracker.ready) <= 200 + 500
+        assert got == list(range(1, n + 1))

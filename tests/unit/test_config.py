@@ -392,3 +392,12 @@ def test_endpoint_host_refuses(ep: str) -> None:
 def test_configs_are_plain_dataclasses() -> None:
     names = {f.name for f in dataclasses.fields(SequencerConfig)}
     assert {"ingress", "egress", "security", "heartbeat_ms"} <= names
+
+
+def test_ready_limit_is_configurable_and_must_leave_room_for_a_replay_chunk() -> None:
+    p = load(PlantConfig, env={"ORBCAST_PLANT_READY_LIMIT": "10000"})
+    assert p.ready_limit == 10_000
+    assert PlantConfig().ready_limit == 65_536
+    with pytest.raises(ConfigError, match="ready_limit .* twice replay_chunk_records"):
+        PlantConfig(ready_limit=4096, replay_chunk_records=4096)
+    PlantConfig(ready_limit=8192, replay_chunk_records=4096)
