@@ -1002,25 +1002,14 @@ class Plant:
             # and go on (the next batch is tried afresh, and works once there is room)
             self.counters["outbox_write_failed"] += len(batch)
             log.warning("%s", exc)
-            for t in batch:
-                t.error = exc
-                t._finish()
-            self._accepting = False
-            with self._cond:
-                self._cond.notify_all()
+            self._refuse(batch, exc)
             return
         except OutboxFull as exc:
             if self.on_full == "block":
                 self._blocked.extend(batch)
                 self._accepting = False
                 return
-            # accept what fits one by one is not worth it: refuse the group
-            for t in batch:
-                t.error = exc
-                t._finish()
-            self._accepting = False
-            with self._cond:
-                self._cond.notify_all()
+            self._refuse(batch, exc)   # accepting what fits one by one is not worth it
             return
         except BaseException:
             self._submit.extendleft(reversed(batch))   # the engine stops: _run fails them all
@@ -1034,6 +1023,15 @@ class Plant:
             self._cond.notify_all()
         self._unsent.extend(pseqs)
         self.counters["published"] += len(pseqs)
+
+    def _refuse(self, batch: list[Ticket], exc: BaseException) -> None:
+        """None of ``batch`` was accepted: each ticket fails with ``exc``."""
+        for t in batch:
+            t.error = exc
+            t._finish()
+        self._accepting = False
+        with self._cond:
+            self._cond.notify_all()
 
     def _send_publishes(self, now: float) -> None:
         if now < self._resend_at:
