@@ -235,6 +235,24 @@ def _stream_id(eid: bytes) -> tuple[int, int]:
     return int(ms), int(sq)
 
 
+def _take_entries(entries: list[Any], prev: tuple[int, int],
+                  check: Callable[[bytes], str | None]) -> tuple[tuple[int, int], int, str | None]:
+    """Verify one XREAD reply's entries: IDs increasing after ``prev`` (the
+    stream's total order), each a ``d`` field passing ``check``. Returns the
+    last ID, how many entries passed, and the first error (or None)."""
+    n = 0
+    for eid, fields in entries:
+        sid = _stream_id(eid)
+        if sid <= prev:
+            return prev, n, f"stream ID {eid!r} after {prev}: not increasing"
+        prev = sid
+        err = check(fields[1]) if fields[0] == b"d" else f"fields {fields!r}"
+        if err:
+            return prev, n, f"{err} (ID {eid.decode()})"
+        n += 1
+    return prev, n, None
+
+
 def redis_cons(a: dict[str, Any]) -> dict[str, Any]:
     """XREAD BLOCK from ``0``, COUNT ``count``: every entry's ID greater than the
     last (the stream's total order) and every producer's 1..N once, in order."""
@@ -265,17 +283,11 @@ def redis_cons(a: dict[str, Any]) -> dict[str, Any]:
         if not t_first:
             t_first = time.time_ns()
         entries = resp[0][1]
-        for eid, fields in entries:
-            sid = _stream_id(eid)
-            if sid <= prev:
-                errors.append(f"stream ID {eid!r} after {prev}: not increasing")
-                break
-            prev = sid
-            err = check(fields[1]) if fields[0] == b"d" else f"fields {fields!r}"
-            if err:
-                errors.append(f"{err} (ID {eid.decode()})")
-                break
-            got += 1
+        prev, ok, err = _take_entries(entries, prev, check)
+        got += ok
+        if err:
+            errors.append(err)
+            break
         last = entries[-1][0]
     t_end = time.time_ns()
     conn.disconnect()
@@ -327,17 +339,11 @@ def redis_reader(a: dict[str, Any]) -> dict[str, Any]:
         if not t_first:
             t_first = time.time_ns()
         entries = resp[0][1]
-        for eid, fields in entries:
-            sid = _stream_id(eid)
-            if sid <= prev:
-                errors.append(f"stream ID {eid!r} after {prev}: not increasing")
-                break
-            prev = sid
-            err = check(fields[1])
-            if err:
-                errors.append(err)
-                break
-            got += 1
+        prev, ok, err = _take_entries(entries, prev, check)
+        got += ok
+        if err:
+            errors.append(err)
+            break
         last = entries[-1][0]
     t_end = time.time_ns()
     conn.disconnect()
@@ -764,7 +770,7 @@ def _tput(ctx: Any, name: str, start: Callable[[Procs, Path], Server], prod_role
           producers: int = 2, consumers: int = 2) -> dict[str, Any]:
     """orb-64's workload against one peer: consumers READY first, then the
     producers, GO; msg/s from the first producer start to the last consumer done."""
-    from .run import check, deadline_for, results
+    from .run import check, check_deliveries, deadline_for, results
     n_per = ctx.cfg["orb_n_per"]
     total = producers * n_per
     d = ctx.dir(name)
@@ -797,10 +803,7 @@ def _tput(ctx: Any, name: str, start: Callable[[Procs, Path], Server], prod_role
         if pr["acked"] != n_per:
             raise BenchFailure(f"VERIFICATION FAILED in {name}: a producer had {pr['acked']} "
                                f"of {n_per} acked")
-    for cr in cres:
-        if cr["received"] != total or sorted(cr["per_producer"].values()) != [n_per] * producers:
-            raise BenchFailure(f"VERIFICATION FAILED in {name}: a consumer got "
-                               f"{cr['received']} of {total} ({cr['per_producer']})")
+    check_deliveries(cres, name, total=total, n_per=n_per, producers=producers)
     t0 = min(r["t_start_ns"] for r in pres)
     t_pub = max(r["t_acked_ns"] for r in pres)
     t1 = max(r["t_end_ns"] for r in cres)

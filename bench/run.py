@@ -127,6 +127,19 @@ def check(res: list[dict[str, Any]], what: str) -> None:
         raise BenchFailure(f"VERIFICATION FAILED in {what}: {errs}")
 
 
+def check_deliveries(cres: list[dict[str, Any]], what: str, *, total: int, n_per: int,
+                     producers: int) -> None:
+    """Every consumer got ``total`` messages, ``n_per`` from each producer (the
+    workers have already checked order and uniqueness: :func:`check`)."""
+    for cr in cres:
+        if cr["received"] != total:
+            raise BenchFailure(f"VERIFICATION FAILED in {what}: a consumer got "
+                               f"{cr['received']} of {total}")
+        if sorted(cr["per_producer"].values()) != [n_per] * producers:
+            raise BenchFailure(f"VERIFICATION FAILED in {what}: messages per producer "
+                               f"{cr['per_producer']}, expected {n_per} from each of {producers}")
+
+
 # --- a sequencer node ----------------------------------------------------------------
 
 
@@ -356,13 +369,7 @@ def _orb(ctx: Ctx, name: str, *, size: int, n_per: int, producers: int = 2, cons
         extra = node.extra_results() if hasattr(node, "extra_results") else {}
         node.stop()
     check(pres + cres, name)
-    for cr in cres:
-        if cr["received"] != total:
-            raise BenchFailure(f"VERIFICATION FAILED in {name}: a consumer got "
-                               f"{cr['received']} of {total}")
-        if sorted(cr["per_producer"].values()) != [n_per] * producers:
-            raise BenchFailure(f"VERIFICATION FAILED in {name}: messages per producer "
-                               f"{cr['per_producer']}, expected {n_per} from each of {producers}")
+    check_deliveries(cres, name, total=total, n_per=n_per, producers=producers)
     t0 = min(r["t_start_ns"] for r in pres)
     t_pub = max(r["t_flushed_ns"] for r in pres)
     out: dict[str, Any] = {
