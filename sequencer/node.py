@@ -1160,7 +1160,9 @@ def log_epoch(history: Any, last_seq: int) -> int:
     """The epoch of the newest record of a log that ends at ``last_seq`` and whose
     epoch history is ``history`` (``[epoch, first_seq]`` pairs; an epoch that
     began after ``last_seq`` wrote nothing into this log). 0 for an empty log."""
-    return max((int(e) for e, first in history if first <= last_seq and last_seq), default=0)
+    if not last_seq:
+        return 0
+    return max((int(e) for e, first in history if first <= last_seq), default=0)
 
 
 def _inner_rid(inner: list[bytes]) -> int:
