@@ -42,6 +42,7 @@ __all__ = [
     "Credit", "Cancel", "ReplayChunk", "StatusRequest", "StatusReply", "Ping", "Pong",
     "Error", "Batch", "Heartbeat", "Admin", "encode", "decode", "encode_record", "decode_record",
     "batch_frames", "decode_records", "encode_records", "publish_body", "publish_body_of",
+    "record_pair_bytes",
     "check_topic", "check_payload", "check_producer_id",
     "MAX_BODY_BYTES", "MAX_HEAD_BYTES", "MAX_PAYLOAD_BYTES", "MAX_TOPIC_BYTES",
     "MAX_PRODUCER_ID_BYTES", "MAX_PUBLISH_ITEMS", "MAX_SEQ",
@@ -552,6 +553,13 @@ def encode_record(seq: int, epoch: int, time: int, producer: bytes | str,
         _str_head(0x40, len(payload)),
         payload,
     ))
+
+
+def record_pair_bytes(producer: str, producer_seq: int) -> bytes:
+    """The bytes :func:`encode_record` writes for ``producer`` and ``producer_seq``,
+    adjacent in every record body: the key the sequencer searches its log for
+    (``LogStore.find``) when a resend is older than its dedup table."""
+    return cbor_text(producer) + _U64.pack(0x1B, producer_seq)
 
 
 #: (topic, payload length) -> encoded topic + payload head, cached by

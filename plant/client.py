@@ -61,6 +61,11 @@ MAX_FRAME_BYTES = 512 * 1024
 MAX_SUBMIT_QUEUE = 65_536
 #: Ceiling of the exponential resend backoff.
 MAX_RESEND_BACKOFF_S = 10.0
+#: ERROR codes by which a node refuses a PUBLISH for good (protocol.md 4): the
+#: messages are failed and dropped from the outbox, never resent unchanged.
+#: ``too-old``: a resend older than anything the node can deduplicate (its record
+#: may have been removed by retention); sequencing it again could duplicate it.
+_REFUSALS = frozenset({"bad-frame", "too-large", "forbidden", "too-old"})
 #: Link security, a plant that follows the live stream over its link (no broadcast
 #: key): one PING per this many heartbeat periods. Each PING costs an fsync of the
 #: session on both ends, so not every heartbeat: 2 x 100 ms adds at most 200 ms.
@@ -1443,14 +1448,15 @@ class Plant:
             return
         if ev.rid in self._inflight:
             pseqs, _dl, _n = self._inflight.pop(ev.rid)
-            if ev.code in ("bad-frame", "too-large", "forbidden") and len(pseqs) > 1:
+            if ev.code in _REFUSALS and len(pseqs) > 1:
                 # the node refuses a frame as a whole: one message it will never
-                # take (a topic outside our publish ACL, say) must not fail the
-                # others packed with it. Send each alone; fail only what is refused so.
+                # take (a topic outside our publish ACL, a resend older than what it
+                # can deduplicate) must not fail the others packed with it. Send
+                # each alone; fail only what is refused so.
                 self._solo.update(pseqs)
                 self._unsent.extendleft(sorted(pseqs, reverse=True))
                 return
-            if ev.code in ("bad-frame", "too-large", "forbidden"):
+            if ev.code in _REFUSALS:
                 # the node will never take these: fail them instead of looping
                 self._solo.difference_update(pseqs)
                 self.counters["rejected"] += len(pseqs)

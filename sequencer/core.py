@@ -124,7 +124,9 @@ class DedupTable:
         p = self._p.get(pid)
         if p is None or pseq > p.hi:
             return None
-        if pseq < p.floor:
+        if pseq < p.floor or not p.starts or pseq < p.starts[0]:
+            # below everything remembered: evicted, or (a table rebuilt from a log that
+            # retention has cut, or a standby's) never seen here. Not "never sequenced".
             return UNKNOWN_OLD
         i = bisect.bisect_right(p.starts, pseq) - 1
         if i >= 0 and pseq < p.starts[i] + p.counts[i]:
@@ -307,14 +309,6 @@ class SequencerCore:
         window (the driver searches the log); without it they are refused.
         """
         p = self.dedup.producer(producer)
-        if old_lookup is None and p.floor:
-            # refuse before anything changes: a rejected frame leaves no trace
-            for pseq, _topic, _payload in items:
-                if pseq < p.floor:
-                    raise RemoteProtocolError("producer_seq is older than the dedup window",
-                                              code="too-old")
-        t = now if now > self.last_time else self.last_time
-        self.last_time = t
         seq = self.next_seq
         n = len(items)
         if n and items[0][0] > p.hi and FRAME_RUNS:
@@ -323,8 +317,26 @@ class SequencerCore:
                     n == 1 or all(map(int.__lt__, pseqs, pseqs[1:]))):
                 # The common frame: a run of new, consecutive producer seqs. One
                 # dedup run, records encoded with the shared fields packed once.
+                t = now if now > self.last_time else self.last_time
+                self.last_time = t
                 self._publish_run(route, rid, p, pseqs, items, seq, t)
                 return
+        # Pairs below the remembered window are resolved before anything changes,
+        # so that a refusal (too-old, from old_lookup or without one) leaves no trace.
+        old_seqs: dict[int, int | None] = {}
+        if p.starts:
+            hi, lookup = p.hi, self.dedup.lookup
+            for pseq, _topic, _payload in items:
+                if pseq <= hi and pseq not in old_seqs and lookup(producer, pseq) == UNKNOWN_OLD:
+                    if old_lookup is None:
+                        raise RemoteProtocolError(
+                            f"producer_seq {pseq} of {producer!r} is older than the dedup "
+                            f"window", code="too-old")
+                    # records not yet durable may not be in the log yet
+                    old = self._pending_lookup(producer, pseq)
+                    old_seqs[pseq] = old if old is not None else old_lookup(producer, pseq)
+        t = now if now > self.last_time else self.last_time
+        self.last_time = t
         epoch = self.epoch
         topics = self._topics
         pairs: list[int] = []
@@ -336,14 +348,15 @@ class SequencerCore:
         try:
             for pseq, topic, payload in items:
                 if pseq <= p.hi:
-                    old = lookup(producer, pseq)
+                    old = old_seqs[pseq] if pseq in old_seqs else lookup(producer, pseq)
                     if old == UNKNOWN_OLD:
-                        if old_lookup is None:
-                            raise RemoteProtocolError("producer_seq is older than the dedup window",
-                                                      code="too-old")
-                        # records not yet durable may not be in the log yet
+                        # below a window that an earlier item of this (unordered) frame
+                        # moved; a refusal now keeps the seqs handed out (finally)
                         old = self._pending_lookup(producer, pseq)
                         if old is None:
+                            if old_lookup is None:
+                                raise RemoteProtocolError("producer_seq is older than the "
+                                                          "dedup window", code="too-old")
                             old = old_lookup(producer, pseq)
                     if old is not None:
                         self.duplicates += 1
@@ -361,6 +374,8 @@ class SequencerCore:
                 unwritten.append((seq, t, body))
                 undurable.append(body)
                 record(p, pseq, seq)
+                if old_seqs:
+                    old_seqs.pop(pseq, None)     # the table knows it now (a repeat in the frame)
                 pairs.append(pseq)
                 pairs.append(seq)
                 need = seq

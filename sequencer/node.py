@@ -115,7 +115,7 @@ class SequencerNode:
         self.counters: dict[str, float] = {
             "sequenced": 0, "duplicates": 0, "rejected_frames": 0, "replayed_records": 0,
             "fsyncs": 0, "fsync_seconds": 0.0, "fsync_max_ms": 0.0, "egress_batches": 0,
-            "egress_dropped_injected": 0, "acks": 0, "dedup_log_lookups": 0,
+            "egress_dropped_injected": 0, "acks": 0, "dedup_log_lookups": 0, "dedup_too_old": 0,
             "dedup_snapshot_failures": 0,
             "replicated_records": 0, "repl_acks": 0, "peer_rejected": 0, "role_changes": 0,
             "tail_records_set_aside": 0, "max_turn_ms": 0.0,
@@ -293,14 +293,23 @@ class SequencerNode:
             (self.data / "dedup.snapshot.tmp").unlink(missing_ok=True)
 
     def _old_lookup(self, pid: str, pseq: int) -> int | None:
-        """Search the log for a pair older than the dedup window (rare)."""
+        """The seq of a pair older than the dedup table remembers (rare): searched in
+        the log's bytes (``LogStore.find``: about a read of the retained log). ``None``
+        only when the whole log from seq 1 is here and does not hold the pair, so it
+        was never sequenced; when retention removed the oldest records the pair may
+        have been among them, and sequencing it again could duplicate a message:
+        refused with ``too-old``."""
         self.counters["dedup_log_lookups"] += 1
-        if self.log.last_seq == 0:
-            return None
-        for seq, _t, body in self.log.iter_records(self.log.first_seq):
+        for seq, _t, body in self.log.find(env.record_pair_bytes(pid, pseq)):
             m = env.decode_record(body)
             if m.producer_seq == pseq and m.producer == pid:
                 return seq
+        if self.log.first_seq > 1:
+            raise RemoteProtocolError(
+                f"producer_seq {pseq} of {pid!r} is older than this node's dedup table and "
+                f"not in its log, which starts at seq {self.log.first_seq} (retention): it "
+                f"may have been sequenced before that, so it is not sequenced again",
+                code="too-old")
         return None
 
     # --- roles -------------------------------------------------------------------
@@ -544,7 +553,15 @@ class SequencerNode:
                     self.sec.counters["forbidden"] += 1  # type: ignore[union-attr]
                     self._send(route, Error(rid=ev.rid, code="forbidden", message=why))
                     return
-            core.publish(route, ev.rid, ev.producer, ev.items, now_ns, self._old_lookup)
+            try:
+                core.publish(route, ev.rid, ev.producer, ev.items, now_ns, self._old_lookup)
+            except RemoteProtocolError as exc:
+                if exc.code != "too-old":
+                    raise
+                # an answer to a well-formed request, not a bad frame (protocol.md 4)
+                self.counters["dedup_too_old"] += 1
+                log.warning("refused a PUBLISH of %r: %s", ev.producer, exc)
+                self._send(route, Error(rid=ev.rid, code="too-old", message=str(exc)))
         elif t is ReplayRequest:
             if core is None:
                 self._not_active(route, ev.rid)

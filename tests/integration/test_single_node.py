@@ -404,3 +404,67 @@ def test_a_subscription_holds_at_most_ready_limit_messages_for_its_application(
             got += [m.seq for m in ms]
             assert len(sub.tracker.ready) <= 200 + 500
         assert got == list(range(1, n + 1))
+
+
+def test_a_resend_retention_may_have_removed_is_refused_and_fails_only_its_message(
+        tmp_path: Path, node_factory) -> None:
+    """Dedup has no time window, but retention removes records: a pair older than
+    the node's table and its log cannot be told from a message never sequenced, and
+    sequencing it again could duplicate it. The node refuses it (ERROR too-old,
+    counted, nothing changed), acks a resend still in its log with the original seq,
+    and a plant fails just the refused message (here: a plant whose data directory
+    was wiped, so its producer seqs start again at 1) and goes on."""
+    import time
+
+    import zmq
+
+    from orbcast import envelope as env
+    from orbcast.config import PlantConfig
+    from orbcast.errors import RemoteProtocolError
+    from orbcast.rpc import request
+    from plant.client import Plant
+    from sequencer.log import NS_PER_DAY, LogStore
+
+    node = node_factory()
+    now = time.time_ns()
+    old = now - 30 * NS_PER_DAY                       # retention (7 days) removes this day
+    with LogStore(node.data / "log", now_ns=old, fsync=False) as log:
+        log.append([(s, old, env.encode_record(s, 1, old, "p", s, "t", b"old"))
+                    for s in range(1, 101)])
+        log.append([(s, now, env.encode_record(s, 1, now, "p", s, "t", b"new"))
+                    for s in range(101, 151)])
+    node.start()
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(node.ingress)
+
+    def publish(rid: int, *pseqs: int) -> object:
+        s.send_multipart(env.encode(env.Publish(rid=rid, producer="p",
+                                                items=tuple((ps, "t", b"x") for ps in pseqs))))
+        assert s.poll(10_000), f"no answer to rid {rid}"
+        return env.decode(s.recv_multipart())
+
+    try:
+        refused = publish(5, 50)
+        assert isinstance(refused, env.Error) and (refused.rid, refused.code) == (5, "too-old")
+        refused = publish(6, 151, 40)                    # refused as a whole: 151 not taken
+        assert isinstance(refused, env.Error) and (refused.rid, refused.code) == (6, "too-old")
+        ack = publish(7, 120)                            # still in the log: the original seq
+        assert isinstance(ack, env.Ack) and list(ack.pairs) == [120, 120]
+        cfg = PlantConfig(sequencers=[node.ingress], producer_id="p", data=str(tmp_path / "wiped"))
+        with Plant(cfg) as p:
+            with pytest.raises(RemoteProtocolError) as ei:
+                p.publish("t", b"first after the wipe", timeout=20)   # producer_seq 1
+            assert ei.value.code == "too-old"
+            assert p.outbox_depth == 0                   # failed, not resent for ever
+        st = request(node.ingress, env.StatusRequest(rid=1)).info
+        assert st["last_seq"] == 150                     # nothing was sequenced again
+        assert st["counters"]["dedup_too_old"] == 3
+        assert st["counters"]["rejected_frames"] == 0
+        assert node.proc is not None and node.proc.alive()
+    finally:
+        s.close(0)
+        ctx.term()
+    node.stop()
+    assert [r[2] for r in node.records()] == list(range(101, 151))
