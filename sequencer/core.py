@@ -104,10 +104,20 @@ class DedupTable:
     the newest :data:`MIN_PSEQ_WINDOW` producer seqs) and :data:`HARD_MAX_RUNS`; pairs
     below a producer's ``floor`` were evicted and :meth:`lookup` answers
     :data:`UNKNOWN_OLD` for them so the driver can search the log.
+
+    ``known_from``: the table holds the pair of every record from this seq on
+    (except pairs below a producer's ``floor``). 1 when it has seen the whole
+    history; the first seq of the log when it was rebuilt from a log whose
+    oldest records retention had removed (it is not pruned by retention, so it
+    can know more than the log); 0 while unknown (built from an empty log: the
+    driver sets it to the first seq it records). A pair absent from the table
+    and at or above its producer's floor was never sequenced if this is 1, and
+    may have been sequenced before ``known_from`` otherwise.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, known_from: int = 1) -> None:
         self._p: dict[str, _Producer] = {}
+        self.known_from = known_from
 
     def __len__(self) -> int:
         return len(self._p)
@@ -205,20 +215,23 @@ class DedupTable:
         20 fragmented producers at the run limit that is about 1 MB written in
         30 ms; version 1's CBOR integer lists took 3 MB and 0.3 s of the loop.
         """
-        return cbor2.dumps({"v": 2, "seq": covered_seq, "producers": {
+        return cbor2.dumps({"v": 2, "seq": covered_seq, "from": self.known_from, "producers": {
             pid: [p.hi, p.floor, zlib.compress(_le(p.starts) + _le(p.seqs) + _le(p.counts), 1)]
             for pid, p in self._p.items()}})
 
     @classmethod
     def restore(cls, blob: bytes) -> tuple["DedupTable", int]:
         """Inverse of :meth:`snapshot`, and reads version 1 (written before
-        2026-12); returns ``(table, covered_seq)``. Raises ``ValueError`` on any
-        damage."""
+        2026-12); returns ``(table, covered_seq)``. A snapshot without ``"from"``
+        (written before it was added) restores with ``known_from`` 0: the caller
+        decides. Raises ``ValueError`` on any damage."""
         try:
             d = cbor2.loads(blob)
             if d["v"] not in (1, 2):
                 raise ValueError("unsupported dedup snapshot version")
-            t = cls()
+            t = cls(known_from=int(d.get("from", 0)))
+            if t.known_from < 0:
+                raise ValueError("negative 'from'")
             for pid, entry in d["producers"].items():
                 p = t.producer(pid)
                 if d["v"] == 1:

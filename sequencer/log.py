@@ -806,26 +806,33 @@ class LogStore:
                 continue
             off = _HEAD if seg.first_seq >= lo else self._locate(seg, lo)[0]
             size = seg.size
+            after: tuple[int, int] | None = None    # (offset, seq) just past the last hit's record
             while off < size:
                 blk = _pread_exact(self._rfd(seg), min(SCAN_BLOCK + overlap, size - off), off)
                 self._stats.bytes_read += len(blk)
                 pos = blk.find(needle)
-                if pos < 0:
-                    if off + len(blk) >= size:
-                        break
-                    off += len(blk) - overlap
-                    continue
-                seq, end = self._record_at(seg, off + pos)
-                if seq > hi:
+                while pos >= 0:
+                    seq, end = self._record_at(seg, off + pos, after)
+                    if seq > hi:
+                        return
+                    if seq >= lo:
+                        yield self.read(seq, max_records=1)[0]
+                    after = (end, seq + 1)
+                    pos = blk.find(needle, end - off) if end - off < len(blk) else -1
+                if off + len(blk) >= size:
                     break
-                if seq >= lo:
-                    rec = self.read(seq, max_records=1)[0]
-                    yield rec
-                off = end                      # go on after the record with the hit
+                off += len(blk) - overlap
+                if after is not None and after[0] > off:
+                    off = after[0]                # not into the record with the last hit
 
-    def _record_at(self, seg: _Segment, off: int) -> tuple[int, int]:
-        """``(seq, end offset)`` of the record of ``seg`` whose bytes include ``off``."""
+    def _record_at(self, seg: _Segment, off: int,
+                   after: tuple[int, int] | None = None) -> tuple[int, int]:
+        """``(seq, end offset)`` of the record of ``seg`` whose bytes include ``off``;
+        ``after`` is a known record start ``(offset, seq)`` at or before it (the walk
+        starts there when no index entry is nearer)."""
         at, seq = self._entry(seg, lambda: bisect_right(seg.ioff, off) - 1) or (_HEAD, seg.first_seq)
+        if after is not None and at < after[0] <= off:
+            at, seq = after
         o, s, _t, length = self._walk(seg, at, seq, until_seq=None, until_time=None, until_off=off)
         return s, o + _RHEAD + length
 
@@ -1010,6 +1017,17 @@ class LogStore:
             seg.idx_appendable = False  # the arrays stay right; the next open rebuilds
 
     # -- removing records ---------------------------------------------------------------
+
+    def expired_upto(self, now_ns: int) -> int:
+        """The last seq :meth:`apply_retention` would delete at ``now_ns`` (0: nothing)."""
+        self._check_open()
+        cutoff = now_ns // NS_PER_DAY - self._retention_days
+        last = 0
+        for seg in self._segs[:-1]:
+            if seg.day >= cutoff:
+                break
+            last = seg.last_seq
+        return last
 
     def apply_retention(self, now_ns: int) -> list[str]:
         """Delete segments (and their index) whose UTC day is before ``now``'s day minus

@@ -257,6 +257,19 @@ class SequencerNode:
                 log.warning("ignoring dedup snapshot %s: it names seq %d, the log ends at %d; "
                             "rebuilding from the log", p, table.max_seq(), self.log.last_seq)
                 table, covered = DedupTable(), 0
+            elif covered + 1 < self.log.first_seq:
+                # retention removed records the snapshot never saw: their pairs would
+                # look like holes between the snapshot's runs and the log's, and be
+                # sequenced again. The log alone gives a table that knows what it lacks.
+                log.warning("ignoring dedup snapshot %s: it covers seqs up to %d, and retention "
+                            "removed the log before seq %d; rebuilding from the log (resends of "
+                            "older messages will be refused with too-old)", p, covered,
+                            self.log.first_seq)
+                table, covered = DedupTable(), 0
+            elif table.known_from == 0:          # written before the field existed
+                table.known_from = max(1, self.log.first_seq)
+        if covered == 0:
+            table.known_from = self.log.first_seq    # 0 for an empty log: set at its first record
         start = max(covered + 1, self.log.first_seq or 1)
         n = 0
         if self.log.last_seq >= start:
@@ -293,24 +306,40 @@ class SequencerNode:
             (self.data / "dedup.snapshot.tmp").unlink(missing_ok=True)
 
     def _old_lookup(self, pid: str, pseq: int) -> int | None:
-        """The seq of a pair older than the dedup table remembers (rare): searched in
-        the log's bytes (``LogStore.find``: about a read of the retained log). ``None``
-        only when the whole log from seq 1 is here and does not hold the pair, so it
-        was never sequenced; when retention removed the oldest records the pair may
-        have been among them, and sequencing it again could duplicate a message:
-        refused with ``too-old``."""
-        self.counters["dedup_log_lookups"] += 1
-        for seq, _t, body in self.log.find(env.record_pair_bytes(pid, pseq)):
-            m = env.decode_record(body)
-            if m.producer_seq == pseq and m.producer == pid:
-                return seq
-        if self.log.first_seq > 1:
-            raise RemoteProtocolError(
-                f"producer_seq {pseq} of {pid!r} is older than this node's dedup table and "
-                f"not in its log, which starts at seq {self.log.first_seq} (retention): it "
-                f"may have been sequenced before that, so it is not sequenced again",
-                code="too-old")
-        return None
+        """The seq of a pair below everything the dedup table remembers of ``pid``,
+        ``None`` if it was never sequenced; ``too-old`` if that cannot be known.
+
+        A pair below the producer's floor was evicted from memory and is searched in
+        the log's bytes (``LogStore.find``: about a read of the retained log, counted
+        in ``dedup_log_lookups``). Not found there, or not below the floor (then the
+        table holds every pair the log holds, and no search is needed), it was never
+        sequenced if nothing before the log's (or the table's) first seq is missing;
+        otherwise it may have been, on a day retention removed, and sequencing it
+        again could duplicate a message: refused with ``too-old``."""
+        p = self.dedup.producer(pid)
+        if pseq < p.floor:
+            self.counters["dedup_log_lookups"] += 1
+            try:
+                for seq, _t, body in self.log.find(env.record_pair_bytes(pid, pseq)):
+                    m = env.decode_record(body)
+                    if m.producer_seq == pseq and m.producer == pid:
+                        return seq
+            except LogCorruptedError as exc:
+                raise RemoteProtocolError(f"cannot search the log for producer_seq {pseq} of "
+                                          f"{pid!r}: {exc}", code="log-corrupted") from exc
+            first = self.log.first_seq
+            if first <= 1:
+                return None
+            why = f"not in the log, which starts at seq {first}"
+        else:
+            first = self.dedup.known_from
+            if first <= 1:
+                return None
+            why = f"this node knows its records only from seq {first} on"
+        raise RemoteProtocolError(
+            f"producer_seq {pseq} of {pid!r} is older than anything this node remembers of "
+            f"that producer, and {why} (retention): it may have been sequenced before, so it "
+            f"is not sequenced again", code="too-old")
 
     # --- roles -------------------------------------------------------------------
 
@@ -337,6 +366,8 @@ class SequencerNode:
             self.state["key_epoch"] = ke
             self.sec.start_broadcast(ke, now)
         self._save_state()            # the epoch is durable before anything is stamped with it
+        if self.dedup.known_from == 0:            # an empty log: the table sees all from here
+            self.dedup.known_from = self.log.last_seq + 1
         self.core = SequencerCore(last_seq=self.log.last_seq, last_time=self.log.last_time,
                                   epoch=self.ha.epoch, dedup=self.dedup)
         self._repl_next = 0
@@ -556,12 +587,13 @@ class SequencerNode:
             try:
                 core.publish(route, ev.rid, ev.producer, ev.items, now_ns, self._old_lookup)
             except RemoteProtocolError as exc:
-                if exc.code != "too-old":
+                if exc.code not in ("too-old", "log-corrupted"):
                     raise
                 # an answer to a well-formed request, not a bad frame (protocol.md 4)
-                self.counters["dedup_too_old"] += 1
+                if exc.code == "too-old":
+                    self.counters["dedup_too_old"] += 1
                 log.warning("refused a PUBLISH of %r: %s", ev.producer, exc)
-                self._send(route, Error(rid=ev.rid, code="too-old", message=str(exc)))
+                self._send(route, Error(rid=ev.rid, code=exc.code, message=str(exc)))
         elif t is ReplayRequest:
             if core is None:
                 self._not_active(route, ev.rid)
@@ -1018,6 +1050,8 @@ class SequencerNode:
         if len(ms) != len(recs) or any(m.seq != rec[0] for m, rec in zip(ms, recs)):
             raise RemoteProtocolError("replicated record bodies do not match their seqs")
         self.log.append(recs)
+        if self.dedup.known_from == 0:            # a standby that started empty
+            self.dedup.known_from = recs[0][0]
         record = self.dedup.record
         for m in ms:
             record(m.producer, m.producer_seq, m.seq)
@@ -1087,6 +1121,14 @@ class SequencerNode:
                 in_sync=self.ha.repl in (ReplState.IN_SYNC, ReplState.SILENT),
                 epochs=tuple((e, s) for e, s in self.state["epochs"]), time=time.time_ns())))
 
+    def _apply_retention(self, now_ns: int) -> None:
+        if self.log.expired_upto(now_ns):
+            # the table remembers the pairs retention is about to remove from the log;
+            # a snapshot older than the cut would be ignored after a crash (_load_dedup)
+            self._snapshot_dedup()
+        for path in self.log.apply_retention(now_ns):
+            log.info("retention: removed %s", path)
+
     def _housekeeping(self, now_m: float) -> None:
         self.replays.expire(now_m)
         if self.sec is not None and now_m >= self._sec_gc_at:
@@ -1094,8 +1136,7 @@ class SequencerNode:
             self.sec.forget_dropped()     # bookkeeping of evicted sessions stays bounded
         if now_m >= self._retention_at:
             self._retention_at = now_m + RETENTION_EVERY_S
-            for path in self.log.apply_retention(time.time_ns()):
-                log.info("retention: removed %s", path)
+            self._apply_retention(time.time_ns())
         ha = self.ha
         if ha.has_peer and ha.role is not Role.ACTIVE:
             self._apply_role(ha.check_vote(now_m), now_m)

@@ -452,19 +452,25 @@ def test_a_resend_retention_may_have_removed_is_refused_and_fails_only_its_messa
         assert isinstance(refused, env.Error) and (refused.rid, refused.code) == (6, "too-old")
         ack = publish(7, 120)                            # still in the log: the original seq
         assert isinstance(ack, env.Ack) and list(ack.pairs) == [120, 120]
+        # producer_seqs 1..151 in one frame: refused as a whole, then one per frame
         cfg = PlantConfig(sequencers=[node.ingress], producer_id="p", data=str(tmp_path / "wiped"))
         with Plant(cfg) as p:
-            with pytest.raises(RemoteProtocolError) as ei:
-                p.publish("t", b"first after the wipe", timeout=20)   # producer_seq 1
-            assert ei.value.code == "too-old"
+            tickets = [p.publish_nowait("t", b"after the wipe %d" % i) for i in range(1, 152)]
+            p.flush(60)
+            for t in tickets[:100]:                      # may be on the removed day: refused
+                assert isinstance(t.error, RemoteProtocolError) and t.error.code == "too-old"
+            # 101..150 are in the log: the node takes them for resends (reusing producer
+            # seqs is what a plant MUST NOT do, protocol.md 5.2); 151 is new
+            assert [t.seq for t in tickets[100:]] == list(range(101, 152))
             assert p.outbox_depth == 0                   # failed, not resent for ever
         st = request(node.ingress, env.StatusRequest(rid=1)).info
-        assert st["last_seq"] == 150                     # nothing was sequenced again
-        assert st["counters"]["dedup_too_old"] == 3
+        assert st["last_seq"] == 151                     # nothing was sequenced twice
+        assert st["counters"]["dedup_too_old"] == 2 + 1 + 100   # the frame, then each alone
         assert st["counters"]["rejected_frames"] == 0
+        assert st["counters"]["dedup_log_lookups"] == 0  # answered without reading the log
         assert node.proc is not None and node.proc.alive()
     finally:
         s.close(0)
         ctx.term()
     node.stop()
-    assert [r[2] for r in node.records()] == list(range(101, 151))
+    assert [r[2] for r in node.records()] == list(range(101, 152))
