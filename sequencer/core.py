@@ -148,6 +148,25 @@ class DedupTable:
         return max((max(map(int.__add__, p.seqs, p.counts)) - 1 for p in self._p.values()
                     if p.seqs), default=0)
 
+    def truncate_after(self, seq: int) -> None:
+        """Forget every pair given a seq above ``seq`` (their records were set aside);
+        what the table knows of older records, retention-removed ones included, stays."""
+        for pid, p in list(self._p.items()):
+            keep = [i for i, s0 in enumerate(p.seqs) if s0 <= seq]
+            if len(keep) != len(p.seqs):
+                p.starts = array("q", (p.starts[i] for i in keep))
+                p.counts = array("q", (p.counts[i] for i in keep))
+                p.seqs = array("q", (p.seqs[i] for i in keep))
+            for i, (s0, c) in enumerate(zip(p.seqs, p.counts)):
+                if s0 + c - 1 > seq:
+                    p.counts[i] = seq - s0 + 1
+            if p.starts:
+                p.hi = max(map(int.__add__, p.starts, p.counts)) - 1
+            elif p.floor:
+                p.hi = p.floor - 1
+            else:
+                del self._p[pid]
+
     def record(self, pid: str, pseq: int, seq: int) -> None:
         """Remember that ``(pid, pseq)`` was given ``seq``."""
         self._record(self.producer(pid), pseq, seq)

@@ -1017,17 +1017,27 @@ class SequencerNode:
                 self.counters["tail_records_set_aside"] += removed
                 log.warning("set aside %d records (seq %d..%d) this node wrote but never "
                             "replicated; kept in %s", removed, cut + 1, last, aside)
-                self.dedup = self._rebuild_dedup_full()
+                self._forget_dedup_after(cut)
         self.state["epochs"] = [list(e) for e in history]
         self._synced_epoch = hb.epoch
         self._synced_upto = self.log.last_seq
         self._save_state()
 
-    def _rebuild_dedup_full(self) -> DedupTable:
-        """After the log was cut back: the snapshot may name records that are
-        gone, so drop it and rebuild from the log alone."""
-        (self.data / "dedup.snapshot").unlink(missing_ok=True)
-        return self._load_dedup()
+    def _forget_dedup_after(self, cut: int) -> None:
+        """After the log was cut back to ``cut``: the table forgets the pairs of the
+        records set aside (they may be sequenced again) and keeps the rest, which
+        may reach back beyond retention; the snapshot is rewritten to match. Were it
+        left, it would name records that are gone; were the table rebuilt from the
+        log alone, it would forget what retention removed (5.2)."""
+        self.dedup.truncate_after(cut)
+        self._snap_seq = cut
+        path = self.data / "dedup.snapshot"
+        try:
+            _atomic_write(path, self.dedup.snapshot(cut))
+        except OSError as exc:
+            path.unlink(missing_ok=True)     # the next start rebuilds from the log
+            self.counters["dedup_snapshot_failures"] += 1
+            log.warning("dedup snapshot not written after the cut (%s); removed", exc)
 
     def _on_repl(self, r: peerlink.Repl, now: float) -> bool:
         """Append replicated records (passive). Returns True if any were appended."""

@@ -628,3 +628,42 @@ def test_a_frame_of_new_consecutive_pseqs_is_one_dedup_run() -> None:
     assert (list(p.starts), list(p.seqs), list(p.counts), p.hi) == ([5], [1], [2055], 2059)
     assert c.dedup.lookup("a", 2059) == 2055
     assert c.dedup.lookup("a", 4) == UNKNOWN_OLD        # below everything remembered: the log decides
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(PRODUCERS), st.integers(0, 60)), min_size=1,
+                max_size=80), st.integers(0, 90), st.sampled_from([1, 2, 4, MAX_RUNS_PER_PRODUCER]))
+def test_truncate_after_forgets_exactly_the_pairs_set_aside(pairs: list[tuple[str, int]], cut: int,
+                                                             window: int) -> None:
+    """After a history check cuts the log at ``cut``, the table answers as one that
+    never saw the records after it: same seqs for what stays, never-sequenced for
+    what went (above the producer's highest remaining), UNKNOWN_OLD only where an
+    eviction made it so before."""
+    saved = core_mod.MAX_RUNS_PER_PRODUCER
+    core_mod.MAX_RUNS_PER_PRODUCER = window
+    try:
+        t = DedupTable()
+        seen: dict[tuple[str, int], int] = {}
+        seq = 0
+        for pid, pseq in pairs:
+            if (pid, pseq) in seen:
+                continue
+            seq += 1
+            seen[(pid, pseq)] = seq
+            t.record(pid, pseq, seq)
+        before = {k: t.lookup(*k) for k in seen}
+        t.truncate_after(cut)
+        for (pid, pseq), s in seen.items():
+            got = t.lookup(pid, pseq)
+            if s <= cut:
+                assert got == before[(pid, pseq)]           # the seq, or UNKNOWN_OLD if evicted
+            else:
+                assert got in (None, UNKNOWN_OLD), (pid, pseq, s, got)
+                assert got is None or pseq < t.producer(pid).floor or \
+                    pseq < t.producer(pid).starts[0]
+        for pid in PRODUCERS:                               # hi: the highest remaining pair
+            kept = [ps for (p, ps), s in seen.items() if p == pid and s <= cut]
+            if pid in t._p and t.producer(pid).starts:
+                assert t.producer(pid).hi == max(kept)
+    finally:
+        core_mod.MAX_RUNS_PER_PRODUCER = saved

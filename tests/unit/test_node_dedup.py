@@ -204,3 +204,34 @@ def test_damage_met_by_the_search_refuses_the_frame_and_the_node_goes_on(
         assert n._old_lookup("p", 2001) == 2001             # undamaged records still found
     finally:
         n.close()
+
+
+def test_a_set_aside_tail_leaves_the_table_and_the_snapshot_the_rest_stays(tmp_path: Path) -> None:
+    """The history check (protocol.md 8.5) cuts the log back: the pairs of the set-aside
+    records are forgotten (a resend of one is sequenced anew), what the table knew of
+    records retention removed is kept, and the snapshot is rewritten to match, so a
+    restart loads it instead of rebuilding from the cut log."""
+    cut_log(tmp_path)                                       # p 1..100 removed, 101..150 kept
+    t = DedupTable()
+    for s in range(1, 151):
+        t.record("p", s, s)
+    (tmp_path / "d" / "dedup.snapshot").write_bytes(t.snapshot(150))
+    n = make_node(tmp_path)
+    try:
+        assert (n.log.first_seq, n.dedup.known_from) == (101, 1)
+        n.core, n._synced_upto = None, 140                  # a standby, as the check leaves it
+        n.log.truncate_after(140)                           # 141..150 set aside
+        n._forget_dedup_after(140)
+        assert n.dedup.lookup("p", 50) == 50                # beyond retention: still known
+        assert n.dedup.lookup("p", 140) == 140
+        assert n.dedup.lookup("p", 141) is None             # set aside: never sequenced here
+        table, covered = DedupTable.restore((tmp_path / "d" / "dedup.snapshot").read_bytes())
+        assert covered == 140 and table.known_from == 1
+        assert (table.lookup("p", 50), table.lookup("p", 141)) == (50, None)
+    finally:
+        n.close()
+    n = make_node(tmp_path)
+    try:
+        assert n.dedup.lookup("p", 50) == 50 and n.dedup.known_from == 1
+    finally:
+        n.close()
