@@ -353,20 +353,26 @@ class SequencerCore:
                 self.last_time = t
                 self._publish_run(route, rid, p, pseqs, items, seq, t)
                 return
-        # Pairs below the remembered window are resolved before anything changes,
-        # so that a refusal (too-old, from old_lookup or without one) leaves no trace.
+        # Every pair the producer may have sequenced already is resolved before anything
+        # changes: a refusal (too-old, from old_lookup or without one) leaves no trace,
+        # and an eviction caused by an earlier item of this frame cannot hide a pair.
         old_seqs: dict[int, int | None] = {}
         if p.starts:
             hi, lookup = p.hi, self.dedup.lookup
             for pseq, _topic, _payload in items:
-                if pseq <= hi and pseq not in old_seqs and lookup(producer, pseq) == UNKNOWN_OLD:
+                if pseq > hi or pseq in old_seqs:
+                    continue
+                old = lookup(producer, pseq)
+                if old == UNKNOWN_OLD:
                     if old_lookup is None:
                         raise RemoteProtocolError(
                             f"producer_seq {pseq} of {producer!r} is older than the dedup "
                             f"window", code="too-old")
                     # records not yet durable may not be in the log yet
                     old = self._pending_lookup(producer, pseq)
-                    old_seqs[pseq] = old if old is not None else old_lookup(producer, pseq)
+                    if old is None:
+                        old = old_lookup(producer, pseq)
+                old_seqs[pseq] = old
         t = now if now > self.last_time else self.last_time
         self.last_time = t
         epoch = self.epoch
@@ -382,8 +388,9 @@ class SequencerCore:
                 if pseq <= p.hi:
                     old = old_seqs[pseq] if pseq in old_seqs else lookup(producer, pseq)
                     if old == UNKNOWN_OLD:
-                        # below a window that an earlier item of this (unordered) frame
-                        # moved; a refusal now keeps the seqs handed out (finally)
+                        # above the producer's highest when the frame came, below the
+                        # window now: only if this frame's own items evicted that far
+                        # (not with the real limits); a refusal keeps the seqs handed out
                         old = self._pending_lookup(producer, pseq)
                         if old is None:
                             if old_lookup is None:
