@@ -1424,6 +1424,20 @@ class Plant:
         hb = (self._node.heartbeat_ms if self._node is not None else 100) / 1000
         return now - self._egress_ok_at > max(3 * hb, 0.3)
 
+    def _requeue(self, pseqs: list[int]) -> None:
+        """Put an answered frame's messages back to be sent first, keeping the unsent
+        queue in producer_seq order: frames answered one after the other (two
+        not-active, say) would otherwise go out in reverse order, and a node whose
+        dedup table cannot vouch for a producer's oldest pairs may refuse a message
+        that arrives after a newer one of its producer was sequenced (too-old)."""
+        u = self._unsent
+        if u and pseqs and max(pseqs) > u[0]:
+            merged = sorted(set(u).union(pseqs))
+            u.clear()
+            u.extend(merged)
+        else:
+            u.extendleft(sorted(pseqs, reverse=True))
+
     def _on_error(self, ev: Error, now: float) -> None:
         if ev.code == "no-key" and self._link is not None:
             # the node will not hand us the broadcast key (our read ACL is narrower
@@ -1438,7 +1452,7 @@ class Plant:
             self._node = None
             if ev.rid in self._inflight:
                 pseqs, _dl, _n = self._inflight.pop(ev.rid)
-                self._unsent.extendleft(sorted(pseqs, reverse=True))
+                self._requeue(pseqs)
                 self._resend_at = now + self._backoff      # no resend storm at a standby
                 self._backoff = min(self._backoff * 2, MAX_RESEND_BACKOFF_S)
             if not self._failover_due(now):
@@ -1454,7 +1468,7 @@ class Plant:
                 # can deduplicate) must not fail the others packed with it. Send
                 # each alone; fail only what is refused so.
                 self._solo.update(pseqs)
-                self._unsent.extendleft(sorted(pseqs, reverse=True))
+                self._requeue(pseqs)
                 return
             if ev.code in _REFUSALS:
                 # the node will never take these: fail them instead of looping
@@ -1469,7 +1483,7 @@ class Plant:
                 self._out_box.ack(pseqs)      # after the tickets (see _on_ack)
                 log.error("sequencer rejected %d messages: %s %s", len(pseqs), ev.code, ev.message)
             else:
-                self._unsent.extendleft(sorted(pseqs, reverse=True))
+                self._requeue(pseqs)
                 self._resend_at = now + self._backoff
             return
         req = self._requests.pop(ev.rid, None)
