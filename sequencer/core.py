@@ -112,15 +112,25 @@ class DedupTable:
     can know more than the log); 0 while unknown (built from an empty log: the
     driver sets it to the first seq it records). A pair absent from the table
     and at or above its producer's floor was never sequenced if this is 1, and
-    may have been sequenced before ``known_from`` otherwise.
+    may have been sequenced before ``known_from`` otherwise, if its producer is
+    in ``partial`` (the driver decides which are).
     """
 
     def __init__(self, known_from: int = 1) -> None:
         self._p: dict[str, _Producer] = {}
         self.known_from = known_from
+        #: Producers the table learned from history it rebuilt or copied after a cut
+        #: (known_from > 1), not live: they may have pairs from before known_from.
+        self.partial: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._p)
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self._p
+
+    def producers(self) -> list[str]:
+        return list(self._p)
 
     def producer(self, pid: str) -> _Producer:
         p = self._p.get(pid)
@@ -160,12 +170,13 @@ class DedupTable:
             for i, (s0, c) in enumerate(zip(p.seqs, p.counts)):
                 if s0 + c - 1 > seq:
                     p.counts[i] = seq - s0 + 1
-            if p.starts:
-                p.hi = max(map(int.__add__, p.starts, p.counts)) - 1
+            if p.starts:        # (evicted pairs below the floor stay "sequenced")
+                p.hi = max(max(map(int.__add__, p.starts, p.counts)) - 1, p.floor - 1)
             elif p.floor:
                 p.hi = p.floor - 1
             else:
                 del self._p[pid]
+                self.partial.discard(pid)
 
     def record(self, pid: str, pseq: int, seq: int) -> None:
         """Remember that ``(pid, pseq)`` was given ``seq``."""
@@ -234,7 +245,8 @@ class DedupTable:
         20 fragmented producers at the run limit that is about 1 MB written in
         30 ms; version 1's CBOR integer lists took 3 MB and 0.3 s of the loop.
         """
-        return cbor2.dumps({"v": 2, "seq": covered_seq, "from": self.known_from, "producers": {
+        return cbor2.dumps({"v": 2, "seq": covered_seq, "from": self.known_from,
+                            "partial": sorted(self.partial), "producers": {
             pid: [p.hi, p.floor, zlib.compress(_le(p.starts) + _le(p.seqs) + _le(p.counts), 1)]
             for pid, p in self._p.items()}})
 
@@ -251,6 +263,9 @@ class DedupTable:
             t = cls(known_from=int(d.get("from", 0)))
             if t.known_from < 0:
                 raise ValueError("negative 'from'")
+            t.partial = set(d.get("partial", ()))
+            if not all(type(x) is str for x in t.partial):
+                raise ValueError("'partial' holds a non-string")
             for pid, entry in d["producers"].items():
                 p = t.producer(pid)
                 if d["v"] == 1:
@@ -386,17 +401,17 @@ class SequencerCore:
         try:
             for pseq, topic, payload in items:
                 if pseq <= p.hi:
-                    old = old_seqs[pseq] if pseq in old_seqs else lookup(producer, pseq)
-                    if old == UNKNOWN_OLD:
-                        # above the producer's highest when the frame came, below the
-                        # window now: only if this frame's own items evicted that far
-                        # (not with the real limits); a refusal keeps the seqs handed out
-                        old = self._pending_lookup(producer, pseq)
-                        if old is None:
-                            if old_lookup is None:
-                                raise RemoteProtocolError("producer_seq is older than the "
-                                                          "dedup window", code="too-old")
-                            old = old_lookup(producer, pseq)
+                    if pseq in old_seqs:
+                        old = old_seqs[pseq]
+                    else:
+                        # above the producer's highest when the frame came: only this
+                        # frame can have sequenced it (an earlier item), so the table
+                        # or its pending records know it, else it is new. (Below the
+                        # window now, e.g. under the first items of a frame resent out
+                        # of order: never a reason to ask the log.)
+                        old = lookup(producer, pseq)
+                        if old == UNKNOWN_OLD:
+                            old = self._pending_lookup(producer, pseq)
                     if old is not None:
                         self.duplicates += 1
                         pairs.append(pseq)

@@ -418,7 +418,8 @@ class LogStore:
 
     def __init__(self, directory: str | os.PathLike[str], *,
                  retention_days: int = DEFAULT_RETENTION_DAYS, fsync: bool = True,
-                 index_every: int = DEFAULT_INDEX_EVERY, now_ns: int | None = None) -> None:
+                 index_every: int = DEFAULT_INDEX_EVERY, now_ns: int | None = None,
+                 retention_at_open: bool = True) -> None:
         if retention_days < 0:
             raise ConfigError(f"retention_days must be >= 0, got {retention_days}",
                               field="retention_days")
@@ -447,7 +448,8 @@ class LogStore:
         os.makedirs(self._dir, exist_ok=True)
         try:
             self._recover()
-            self.apply_retention(time.time_ns() if now_ns is None else now_ns)
+            if retention_at_open:
+                self.apply_retention(time.time_ns() if now_ns is None else now_ns)
         except BaseException:
             self._close_fds()
             raise

@@ -39,7 +39,8 @@ from orbcast import strictcbor
 from orbcast.config import SequencerConfig
 from orbcast.envelope import (Admin, Cancel, Credit, Error, Heartbeat, Hello, Ping, Pong, Publish,
                               ReplayRequest, StatusReply, StatusRequest, Welcome)
-from orbcast.errors import AuthenticationError, DurabilityError, LogCorruptedError, RemoteProtocolError
+from orbcast.errors import (AuthenticationError, DurabilityError, LocalProtocolError, LogCorruptedError,
+                            RemoteProtocolError)
 from orbcast.sdnotify import Notifier
 
 from . import peer as peerlink
@@ -89,6 +90,12 @@ REPL_REWIND_S = 0.5
 MAX_TURN_RECORDS = 8192
 #: Replication frames a standby appends per loop turn before it fsyncs and acks.
 MAX_TURN_REPL_FRAMES = 1
+#: Log searches (protocol.md 5.2) one PUBLISH frame may cause; beyond, the frame is
+#: refused (too-old) and its plant sends the messages one per frame. Each search
+#: reads the retained log: a frame of 2,048 such pairs must not read it 2,048 times.
+MAX_SEARCHES_PER_FRAME = 4
+#: Retention postponed (records not durable yet): try again after this long.
+RETENTION_RETRY_S = 60.0
 #: How often the node deletes segments older than retention_days.
 RETENTION_EVERY_S = 3600.0
 
@@ -111,6 +118,8 @@ class SequencerNode:
         self.data = Path(cfg.data)
         self.data.mkdir(parents=True, exist_ok=True)
         self.started = time.time()
+        self._started_ns = time.time_ns()
+        self._frame_searches = 0
         self._stop = False
         self.counters: dict[str, float] = {
             "sequenced": 0, "duplicates": 0, "rejected_frames": 0, "replayed_records": 0,
@@ -133,7 +142,9 @@ class SequencerNode:
         self._sec_gc_at = 0.0
         self._keys_queued = False              # a SENDER_KEY waits in _out
         self._durability_failed = False
-        self.log = LogStore(self.data / "log", retention_days=cfg.retention_days, fsync=cfg.fsync)
+        # retention waits until the dedup table is loaded and snapshotted (_apply_retention)
+        self.log = LogStore(self.data / "log", retention_days=cfg.retention_days, fsync=cfg.fsync,
+                            retention_at_open=False)
         for p in self.log.torn_tails:
             log.warning("recovered a torn log tail; the cut bytes were kept in %s", p)
         # after a kill -9 the tail (and a new segment's directory entry) may be in
@@ -205,6 +216,7 @@ class SequencerNode:
         self._repl_damage_logged = False   # log a damaged segment once, not per turn
         self._blocked_logged: str | None = None
         self._snap_seq = self.log.last_seq
+        self._apply_retention(time.time_ns())
         self._last_reject_log = 0.0
         self._rng = random.Random()
         self.notifier = Notifier.from_env()
@@ -243,6 +255,7 @@ class SequencerNode:
         """Snapshot + the log records after it (no time window, survives restarts)."""
         p = self.data / "dedup.snapshot"
         table, covered = DedupTable(), 0
+        legacy = False
         if p.exists():
             try:
                 table, covered = DedupTable.restore(p.read_bytes())
@@ -268,6 +281,7 @@ class SequencerNode:
                 table, covered = DedupTable(), 0
             elif table.known_from == 0:          # written before the field existed
                 table.known_from = max(1, self.log.first_seq)
+                legacy = True
         if covered == 0:
             table.known_from = self.log.first_seq    # 0 for an empty log: set at its first record
         start = max(covered + 1, self.log.first_seq or 1)
@@ -279,9 +293,14 @@ class SequencerNode:
                 n += 1
         if n:
             log.info("dedup table rebuilt from %d log records after seq %d", n, covered)
+        if (covered == 0 or legacy) and self.log.first_seq > 1:
+            # learned from a log retention had cut: these producers may have older pairs
+            table.partial = set(table.producers())
         return table
 
-    def _snapshot_dedup(self) -> None:
+    def _snapshot_dedup(self) -> int | None:
+        """Write the snapshot; return the seq it covers, 0 if not written now (seqs
+        assigned but not yet durable: try later), None if the write failed."""
         upto = self.core.durable_seq if self.core else self._synced_upto
         # The table learns a pair when its seq is assigned, before the record is
         # written. Saved while a record is not yet in the fsynced log (after a
@@ -293,7 +312,7 @@ class SequencerNode:
             log.warning("dedup snapshot not written: seqs up to %d are assigned but only %d "
                         "are durable (the log is rebuilt into the table at start)",
                         assigned, self._synced_upto)
-            return
+            return 0
         self._snap_seq = upto                 # (on failure too: retried after as many records)
         try:
             _atomic_write(self.data / "dedup.snapshot", self.dedup.snapshot(upto))
@@ -304,6 +323,8 @@ class SequencerNode:
             log.warning("dedup snapshot not written (%s); the previous one and the log "
                         "rebuild the table at start", exc)
             (self.data / "dedup.snapshot.tmp").unlink(missing_ok=True)
+            return None
+        return upto
 
     def _old_lookup(self, pid: str, pseq: int) -> int | None:
         """The seq of a pair below everything the dedup table remembers of ``pid``,
@@ -311,13 +332,21 @@ class SequencerNode:
 
         A pair below the producer's floor was evicted from memory and is searched in
         the log's bytes (``LogStore.find``: about a read of the retained log, counted
-        in ``dedup_log_lookups``). Not found there, or not below the floor (then the
-        table holds every pair the log holds, and no search is needed), it was never
-        sequenced if nothing before the log's (or the table's) first seq is missing;
-        otherwise it may have been, on a day retention removed, and sequencing it
-        again could duplicate a message: refused with ``too-old``."""
+        in ``dedup_log_lookups``; at most MAX_SEARCHES_PER_FRAME per frame, or the
+        frame is refused so its plant sends the messages one per frame). Not found
+        there, it was never sequenced if the log starts at seq 1, and otherwise may
+        have been, on a day retention removed. At or above the floor the table holds
+        every pair the log holds: no search; the pair may be older than the table's
+        knowledge only for a producer learned from a cut history (``partial``).
+        "May have been sequenced" is refused with ``too-old``: sequencing it again
+        could duplicate a message."""
         p = self.dedup.producer(pid)
         if pseq < p.floor:
+            self._frame_searches += 1
+            if self._frame_searches > MAX_SEARCHES_PER_FRAME:
+                raise RemoteProtocolError(
+                    f"more than {MAX_SEARCHES_PER_FRAME} producer_seqs of {pid!r} in one frame "
+                    f"are older than the dedup table; send them one per frame", code="too-old")
             self.counters["dedup_log_lookups"] += 1
             try:
                 for seq, _t, body in self.log.find(env.record_pair_bytes(pid, pseq)):
@@ -332,8 +361,11 @@ class SequencerNode:
                 return None
             why = f"not in the log, which starts at seq {first}"
         else:
+            # the table holds every pair of the log at or above the floor; what it may
+            # lack is older than its knowledge, for producers it learned from a cut
+            # history (a producer first seen live is as new as one never seen)
             first = self.dedup.known_from
-            if first <= 1:
+            if first <= 1 or pid not in self.dedup.partial:
                 return None
             why = f"this node knows its records only from seq {first} on"
         raise RemoteProtocolError(
@@ -382,9 +414,9 @@ class SequencerNode:
         against the active node's history before we replicate."""
         if self.core is not None and self.core.has_unwritten:
             self.core.take_unwritten()          # never written: nothing to keep
-            # ...but the dedup table already knows their pairs: reload it from the
-            # snapshot and the log, or a resend of one would be taken as a duplicate
-            self.dedup = self._load_dedup()
+            # ...but the dedup table already knows their pairs: forget them, or a
+            # resend of one would be taken as a duplicate
+            self.dedup.truncate_after(self.log.last_seq)
         self.core = None
         if self.sec is not None:
             self.sec.stop_broadcast()
@@ -584,6 +616,7 @@ class SequencerNode:
                     self.sec.counters["forbidden"] += 1  # type: ignore[union-attr]
                     self._send(route, Error(rid=ev.rid, code="forbidden", message=why))
                     return
+            self._frame_searches = 0
             try:
                 core.publish(route, ev.rid, ev.producer, ev.items, now_ns, self._old_lookup)
             except RemoteProtocolError as exc:
@@ -967,7 +1000,9 @@ class SequencerNode:
                     appended |= self._on_repl(msg, time.monotonic())
                 elif isinstance(msg, peerlink.ReplAck):
                     self._on_repl_ack(msg, now)
-            except RemoteProtocolError as exc:
+            except (RemoteProtocolError, LocalProtocolError) as exc:
+                # LocalProtocolError: the log refused what the peer sent (a record
+                # older than our last, a cut below seq 0) before changing anything
                 self.counters["peer_rejected"] += 1
                 log.warning("bad frame on the peer link: %s", exc)
         if appended:
@@ -1030,6 +1065,8 @@ class SequencerNode:
         left, it would name records that are gone; were the table rebuilt from the
         log alone, it would forget what retention removed (5.2)."""
         self.dedup.truncate_after(cut)
+        if self.log.last_seq == 0:                # all set aside: learn again from the peer
+            self.dedup.known_from = 0
         self._snap_seq = cut
         path = self.data / "dedup.snapshot"
         try:
@@ -1060,9 +1097,17 @@ class SequencerNode:
         if len(ms) != len(recs) or any(m.seq != rec[0] for m, rec in zip(ms, recs)):
             raise RemoteProtocolError("replicated record bodies do not match their seqs")
         self.log.append(recs)
-        if self.dedup.known_from == 0:            # a standby that started empty
-            self.dedup.known_from = recs[0][0]
-        record = self.dedup.record
+        table = self.dedup
+        if table.known_from == 0:                 # a standby that started empty
+            table.known_from = recs[0][0]
+        if table.known_from != 1:
+            # copying history from the middle: a producer first seen in a record
+            # sequenced before this node started may have pairs from before it
+            started = self._started_ns
+            for m in ms:
+                if m.time < started and m.producer not in table:
+                    table.partial.add(m.producer)
+        record = table.record
         for m in ms:
             record(m.producer, m.producer_seq, m.seq)
         self.counters["replicated_records"] += len(recs)
@@ -1131,13 +1176,22 @@ class SequencerNode:
                 in_sync=self.ha.repl in (ReplState.IN_SYNC, ReplState.SILENT),
                 epochs=tuple((e, s) for e, s in self.state["epochs"]), time=time.time_ns())))
 
-    def _apply_retention(self, now_ns: int) -> None:
-        if self.log.expired_upto(now_ns):
-            # the table remembers the pairs retention is about to remove from the log;
-            # a snapshot older than the cut would be ignored after a crash (_load_dedup)
-            self._snapshot_dedup()
+    def _apply_retention(self, now_ns: int) -> bool:
+        """Delete the segments retention_days old, after a dedup snapshot that covers
+        them: the table remembers their pairs, and a snapshot older than the cut is
+        ignored at the next start (_load_dedup). False if postponed: the snapshot
+        could not cover them yet (records not yet durable). A snapshot that fails to
+        be written (full disk) does not stop retention: that frees the space."""
+        gone = self.log.expired_upto(now_ns)
+        if gone:
+            written = self._snapshot_dedup()
+            if written is not None and written < gone:
+                log.info("retention postponed: the dedup snapshot covers seq %d, the "
+                         "expired segments reach seq %d", written, gone)
+                return False
         for path in self.log.apply_retention(now_ns):
             log.info("retention: removed %s", path)
+        return True
 
     def _housekeeping(self, now_m: float) -> None:
         self.replays.expire(now_m)
@@ -1146,7 +1200,8 @@ class SequencerNode:
             self.sec.forget_dropped()     # bookkeeping of evicted sessions stays bounded
         if now_m >= self._retention_at:
             self._retention_at = now_m + RETENTION_EVERY_S
-            self._apply_retention(time.time_ns())
+            if not self._apply_retention(time.time_ns()):
+                self._retention_at = now_m + RETENTION_RETRY_S
         ha = self.ha
         if ha.has_peer and ha.role is not Role.ACTIVE:
             self._apply_role(ha.check_vote(now_m), now_m)

@@ -120,7 +120,10 @@ def decode_peer(frames: Sequence[bytes]) -> PeerHeartbeat | Repl | ReplAck:
         ok = (type(body.get("node")) is str and type(body.get("role")) is str
               and type(body.get("in_sync")) is bool and _uint(body.get("time"))
               and type(epochs) is list
-              and all(type(e) is list and len(e) == 2 and _uint(e[0]) and _uint(e[1]) for e in epochs))
+              and all(type(e) is list and len(e) == 2 and _uint(e[0]) and _uint(e[1])
+                      and e[0] >= 1 and e[1] >= 1 for e in epochs)
+              # a history: epochs rising, each starting at or after the one before
+              and all(a[0] < b[0] and a[1] <= b[1] for a, b in zip(epochs, epochs[1:])))
         for k in ("ingress", "egress"):
             if body.get(k) is not None and type(body[k]) is not str:
                 ok = False
@@ -132,13 +135,16 @@ def decode_peer(frames: Sequence[bytes]) -> PeerHeartbeat | Repl | ReplAck:
     if kind == REPL and len(h) == 5 and type(body) is list and body:
         recs = []
         prev = None
+        prev_t = 0
         for r in body:
             if (type(r) is not list or len(r) != 3 or not _uint(r[0]) or not _uint(r[1])
-                    or type(r[2]) is not bytes):
+                    or type(r[2]) is not bytes or r[0] == 0):
                 raise RemoteProtocolError("bad replicated record")
             if prev is not None and r[0] != prev + 1:
                 raise RemoteProtocolError("replicated records are not consecutive")
-            prev = r[0]
+            if r[1] < prev_t:
+                raise RemoteProtocolError("replicated record times go backwards")
+            prev, prev_t = r[0], r[1]
             recs.append((r[0], r[1], r[2]))
         if recs[0][0] != h[3] or recs[-1][0] != h[4]:
             raise RemoteProtocolError("replicated records do not match the head")

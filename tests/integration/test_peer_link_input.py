@@ -72,6 +72,9 @@ def test_a_standby_refuses_replicated_records_that_are_not_what_they_claim(
         "a body that is not CBOR": [(4, T + 4, b"\xff\xfe")],
         "a body that is two records": [(4, T + 4, good4[2] + rec(5)[2])],
         "a body that is not a record": [(4, T + 4, cbor2.dumps([4, 1, 2]))],
+        # the log refuses records whose times go backwards: the node must not die of it
+        "times going backwards": [good4, (5, T + 3, rec(5)[2])],
+        "a record older than the log's last": [(4, T + 1, good4[2])],
     }
     for what, records in bad.items():
         before = b.status()["counters"]["peer_rejected"]
@@ -85,6 +88,26 @@ def test_a_standby_refuses_replicated_records_that_are_not_what_they_claim(
     wait_for(lambda: b.status()["log_last_seq"] == 5, 20, "records 4-5 after the bad ones")
     b.stop()
     assert [s for s, _p, _ps in b.records()] == [1, 2, 3, 4, 5]
+
+
+def test_a_heartbeat_with_an_impossible_history_is_refused(standby_and_fake_active) -> None:  # type: ignore[no-untyped-def]
+    """A history whose epoch starts at seq 0 made the standby cut its log below seq 0,
+    and the refusal of that ended the node; epochs out of order are as impossible."""
+    b, out = standby_and_fake_active
+    b.heard_as("active")
+    out.send_multipart(peerlink.encode_repl(1, [rec(1), rec(2)]))
+    wait_for(lambda: b.status()["log_last_seq"] == 2, 20, "records 1-2 to be replicated")
+    for epochs in (((1, 1), (2, 0)), ((2, 3), (1, 1)), ((0, 1),)):
+        hb = peerlink.PeerHeartbeat(epoch=2, last_seq=2, node="fake-a", role="active",
+                                    ingress=FAKE_INGRESS, egress="tcp://127.0.0.1:2",
+                                    in_sync=True, epochs=epochs, time=T)
+        before = b.status()["counters"]["peer_rejected"]
+        out.send_multipart(peerlink.encode_heartbeat(hb))
+        wait_for(lambda before=before: b.status()["counters"]["peer_rejected"] == before + 1, 20,
+                 f"the standby to reject the history {epochs}")
+        st = b.status()
+        assert st["log_last_seq"] == 2 and st["counters"]["tail_records_set_aside"] == 0
+        assert b.proc is not None and b.proc.alive()
 
 
 def test_frames_that_are_not_peer_messages_are_counted_and_ignored(

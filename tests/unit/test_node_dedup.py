@@ -24,12 +24,14 @@ def write_log(data: Path, records: list[tuple[int, int, str, int, bytes]], now_n
 
 
 def cut_log(tmp_path: Path) -> None:
-    """p's pseqs 1..100 (seqs 1..100) on a day retention removes, 101..150 today."""
+    """p's pseqs 1..100 (seqs 1..100) on a day that retention has removed (as if a run
+    without a snapshot, or an older version, had deleted it), 101..150 today."""
     now = time.time_ns()
     old = now - 30 * NS_PER_DAY
     recs = [(s, old, "p", s, b"old") for s in range(1, 101)]
     recs += [(s, now, "p", s, b"new") for s in range(101, 151)]
     write_log(tmp_path / "d", recs, old)
+    LogStore(tmp_path / "d" / "log", fsync=False).close()     # opening applies retention
 
 
 def test_an_evicted_pair_is_found_in_the_log_and_a_chance_match_is_not_taken_for_it(
@@ -49,9 +51,22 @@ def test_an_evicted_pair_is_found_in_the_log_and_a_chance_match_is_not_taken_for
         assert p.floor > 3 and n.dedup.lookup("p", 3) == UNKNOWN_OLD
         assert n._old_lookup("p", 3) == 6                      # seq 6, not the payload at seq 1
         assert n.counters["dedup_log_lookups"] == 1
+        # a frame of many evicted pairs is refused, not searched pair by pair: its
+        # plant then sends them one per frame, and each is found
+        snap = n.dedup.snapshot(0)
+        n._frame_searches = 0                                   # as _handle does per frame
+        with pytest.raises(RemoteProtocolError) as ei:
+            n.core.publish(b"r", 1, "p", [(ps, "t", b"") for ps in range(1, 8)], now, n._old_lookup)
+        assert ei.value.code == "too-old" and "one per frame" in str(ei.value)
+        assert n.dedup.snapshot(0) == snap and not n.core.has_unwritten
+        assert n.counters["dedup_log_lookups"] == 1 + 4         # the fifth was not made
+        n._frame_searches = 0
+        n.core.publish(b"r", 2, "p", [(2, "t", b"")], now, n._old_lookup)
+        assert n.core.durable(n.core.durable_seq).acks == [(b"r", 2, [2, 4])]
         # the whole log is here (from seq 1): a pair below the floor it does not hold is new
+        before = n.counters["dedup_log_lookups"]
         assert n._old_lookup("p", 0) is None
-        assert n.counters["dedup_log_lookups"] == 2
+        assert n.counters["dedup_log_lookups"] == before + 1
     finally:
         n.close()
 
@@ -63,7 +78,7 @@ def test_a_pair_retention_may_have_removed_is_refused_without_a_search(tmp_path:
     order of its items, and nothing changes. No log search is needed to know it
     (a client cannot make the node read its whole log at will)."""
     cut_log(tmp_path)
-    n = make_node(tmp_path)                            # opening applies retention (7 days)
+    n = make_node(tmp_path)
     try:
         assert (n.log.first_seq, n.log.last_seq, n.dedup.known_from) == (101, 150, 101)
         assert n.dedup.lookup("p", 120) == 120
@@ -81,6 +96,17 @@ def test_a_pair_retention_may_have_removed_is_refused_without_a_search(tmp_path:
         core.publish(b"r", 2, "p", [(120, "t", b"again"), (151, "t", b"new")], 1, n._old_lookup)
         assert [s for s, _t, _b in core.take_unwritten()] == [151]
         assert core.durable(151).acks == [(b"r", 2, [120, 120, 151, 151])]
+        # a producer first seen live is as new as one never seen: its messages resent
+        # out of order (two frames answered not-active, resent in reverse) are taken,
+        # in one frame or in two
+        assert n.dedup.partial == {"p"}
+        core.publish(b"r", 3, "q", [(4, "t", b""), (5, "t", b""), (1, "t", b""), (2, "t", b"")],
+                     2, n._old_lookup)
+        core.publish(b"r", 4, "r", [(7, "t", b"")], 2, n._old_lookup)
+        core.publish(b"r", 5, "r", [(3, "t", b"")], 2, n._old_lookup)
+        assert [(env.decode_record(b).producer, env.decode_record(b).producer_seq)
+                for _s, _t, b in core.take_unwritten()] == [("q", 4), ("q", 5), ("q", 1), ("q", 2),
+                                                             ("r", 7), ("r", 3)]
     finally:
         n.close()
 
@@ -126,6 +152,40 @@ def test_a_snapshot_older_than_the_retention_cut_is_ignored(tmp_path: Path) -> N
         with pytest.raises(RemoteProtocolError) as ei:
             n.core.publish(b"r", 1, "p", [(70, "t", b"resend")], 1, n._old_lookup)
         assert ei.value.code == "too-old"
+    finally:
+        n.close()
+
+
+def test_retention_at_start_waits_for_the_table_and_its_snapshot(tmp_path: Path) -> None:
+    """A node that was down for weeks (after a crash: no snapshot of its last records)
+    starts on a log whose oldest day has expired: the table learns that day's pairs
+    and is snapshotted before the day is deleted, so a resend from it still gets its
+    seq back."""
+    now = time.time_ns()
+    old = now - 30 * NS_PER_DAY
+    write_log(tmp_path / "d", [(1, old, "p", 1, b""), (2, now, "p", 2, b"")], old)
+    n = make_node(tmp_path)
+    try:
+        assert n.log.first_seq == 2                             # the old day is gone
+        assert n.dedup.lookup("p", 1) == 1 and n.dedup.known_from == 1
+        table, covered = DedupTable.restore((tmp_path / "d" / "dedup.snapshot").read_bytes())
+        assert covered == 2 and table.lookup("p", 1) == 1
+    finally:
+        n.close()
+
+
+def test_retention_waits_while_the_snapshot_cannot_cover_the_expired_records(
+        tmp_path: Path) -> None:
+    now = time.time_ns()
+    write_log(tmp_path / "d", [(1, now - NS_PER_DAY, "p", 1, b""), (2, now, "p", 2, b"")], now)
+    n = make_node(tmp_path)
+    try:
+        n.core, n._synced_upto = None, 0                        # a standby, nothing synced yet
+        assert n._apply_retention(now + 9 * NS_PER_DAY) is False
+        assert n.log.first_seq == 1 and not (tmp_path / "d" / "dedup.snapshot").exists()
+        n._synced_upto = 2
+        assert n._apply_retention(now + 9 * NS_PER_DAY) is True
+        assert n.log.first_seq == 2
     finally:
         n.close()
 

@@ -135,7 +135,7 @@ def test_link_heads_with_trailing_bytes_fail_authentication() -> None:
 
 HB = peer.PeerHeartbeat(epoch=3, last_seq=41, node="seq-a", role="active",
                         ingress="tcp://127.0.0.1:7400", egress="tcp://127.0.0.1:7401",
-                        in_sync=True, epochs=((1, 0), (3, 40)), time=T)
+                        in_sync=True, epochs=((1, 1), (3, 40)), time=T)
 
 
 def test_peer_messages_round_trip() -> None:
