@@ -136,3 +136,20 @@ def test_a_node_that_is_not_active_names_what_its_peer_is(standby_and_fake_activ
         assert type(r) is Error and r.code == "not-active", r
         assert r.message.endswith(tail), r.message
     assert b.status()["log_last_seq"] == 0
+
+
+def test_a_standby_that_joins_late_knows_which_producers_it_cannot_vouch_for(
+        standby_and_fake_active) -> None:  # type: ignore[no-untyped-def]
+    """A standby that starts empty while the active node's log begins at seq 101
+    (retention ran there) copies history from the middle: its dedup table knows the
+    records from 101 on, and the producers of records sequenced before it started may
+    have older pairs (partial, protocol.md 5.2). Its snapshot says so."""
+    from sequencer.core import DedupTable
+    b, out = standby_and_fake_active
+    b.heard_as("active")
+    out.send_multipart(peerlink.encode_repl(1, [rec(101), rec(102)]))
+    wait_for(lambda: b.status()["log_last_seq"] == 102, 20, "records 101-102 to be replicated")
+    b.stop()
+    table, covered = DedupTable.restore((b.data / "dedup.snapshot").read_bytes())
+    assert covered == 102 and table.known_from == 101 and table.partial == {"kitchen"}
+    assert table.lookup("kitchen", 101) == 101
