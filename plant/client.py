@@ -972,7 +972,7 @@ class Plant:
         if now - self._auth_log_at > 5.0:
             self._auth_log_at = now
             log.warning("link to %s reset (%s); handshaking again", self._current_ep, why)
-        self._unsent.extendleft(sorted((p for r in self._inflight.values() for p in r[0]), reverse=True))
+        self._requeue([p for r in self._inflight.values() for p in r[0]])
         self._inflight.clear()
         for rid, (fut, deadline, ev, _sent) in list(self._requests.items()):
             self._requests[rid] = (fut, deadline, ev, False)
@@ -1091,7 +1091,7 @@ class Plant:
                     pseqs, _dl, _n = self._inflight.pop(rid)
                     again.extend(pseqs)
                 self.counters["resent"] += len(again)
-                self._unsent.extendleft(sorted(again, reverse=True))
+                self._requeue(again)
                 self._backoff = min(self._backoff * 2, MAX_RESEND_BACKOFF_S)
                 self._resend_at = now
                 self._maybe_failover(now)
@@ -1194,7 +1194,7 @@ class Plant:
             self._txq.clear()
             self._link_hello_at = 0.0
             self._link_backoff = self.cfg.request_timeout_ms / 1000
-        self._unsent.extendleft(sorted((p for r in self._inflight.values() for p in r[0]), reverse=True))
+        self._requeue([p for r in self._inflight.values() for p in r[0]])
         self._inflight.clear()
         self._backoff = self.cfg.request_timeout_ms / 1000
         self._resend_at = 0.0

@@ -266,6 +266,7 @@ class DedupTable:
             t.partial = set(d.get("partial", ()))
             if not all(type(x) is str for x in t.partial):
                 raise ValueError("'partial' holds a non-string")
+            partial_unknown = "partial" not in d and t.known_from > 1
             for pid, entry in d["producers"].items():
                 p = t.producer(pid)
                 if d["v"] == 1:
@@ -282,6 +283,8 @@ class DedupTable:
                     raise ValueError("inconsistent runs")
                 p.hi, p.floor = int(hi), int(floor)
                 p.starts, p.seqs, p.counts = cols
+            if partial_unknown:      # a snapshot from before the key: trust nothing it lists
+                t.partial = set(t._p)
             return t, int(d["seq"])
         except ValueError:
             raise
@@ -372,7 +375,7 @@ class SequencerCore:
         # changes: a refusal (too-old, from old_lookup or without one) leaves no trace,
         # and an eviction caused by an earlier item of this frame cannot hide a pair.
         old_seqs: dict[int, int | None] = {}
-        if p.starts:
+        if p.hi >= 0:                   # (runs may all be gone while the floor stays)
             hi, lookup = p.hi, self.dedup.lookup
             for pseq, _topic, _payload in items:
                 if pseq > hi or pseq in old_seqs:

@@ -175,6 +175,7 @@ class SequencerNode:
         self._repl_next = 0             # active: next seq to send to the standby
         self._repl_progress = now
         self._synced_upto = self.log.last_seq
+        self._apply_retention(time.time_ns())   # before any socket is bound: nothing to leak
         from .replay import ReplayManager
         # leave room for the chunk's array head and the envelope under MAX_BODY_BYTES
         self.replays = ReplayManager(max_sessions=cfg.max_replays,
@@ -216,7 +217,6 @@ class SequencerNode:
         self._repl_damage_logged = False   # log a damaged segment once, not per turn
         self._blocked_logged: str | None = None
         self._snap_seq = self.log.last_seq
-        self._apply_retention(time.time_ns())
         self._last_reject_log = 0.0
         self._rng = random.Random()
         self.notifier = Notifier.from_env()
@@ -1000,9 +1000,7 @@ class SequencerNode:
                     appended |= self._on_repl(msg, time.monotonic())
                 elif isinstance(msg, peerlink.ReplAck):
                     self._on_repl_ack(msg, now)
-            except (RemoteProtocolError, LocalProtocolError) as exc:
-                # LocalProtocolError: the log refused what the peer sent (a record
-                # older than our last, a cut below seq 0) before changing anything
+            except RemoteProtocolError as exc:
                 self.counters["peer_rejected"] += 1
                 log.warning("bad frame on the peer link: %s", exc)
         if appended:
@@ -1096,7 +1094,10 @@ class SequencerNode:
                                 limit=len(recs))
         if len(ms) != len(recs) or any(m.seq != rec[0] for m, rec in zip(ms, recs)):
             raise RemoteProtocolError("replicated record bodies do not match their seqs")
-        self.log.append(recs)
+        try:
+            self.log.append(recs)
+        except LocalProtocolError as exc:      # refused before anything was written
+            raise RemoteProtocolError(f"replicated records refused by the log: {exc}") from exc
         table = self.dedup
         if table.known_from == 0:                 # a standby that started empty
             table.known_from = recs[0][0]

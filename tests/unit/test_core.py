@@ -671,3 +671,24 @@ def test_truncate_after_forgets_exactly_the_pairs_set_aside(pairs: list[tuple[st
                 assert t.producer(pid).hi == max(kept)
     finally:
         core_mod.MAX_RUNS_PER_PRODUCER = saved
+
+
+def test_an_evicted_pair_is_still_searched_when_every_run_of_its_producer_was_set_aside() -> None:
+    """Runs 1..9 of p were evicted (floor 10); the runs it had left were all in a
+    tail set aside (truncate_after). A resend below the floor must still be asked of
+    the log, not taken as new."""
+    t = DedupTable()
+    for ps, s in [(10, 100), (11, 101)]:
+        t.record("p", ps, s)
+    t.producer("p").floor = 10
+    t.truncate_after(99)
+    assert (t.producer("p").hi, list(t.producer("p").starts)) == (9, [])
+    c = SequencerCore(last_seq=99, last_time=0, epoch=1, dedup=t)
+    calls: list[int] = []
+
+    def old_lookup(pid: str, pseq: int) -> int | None:
+        calls.append(pseq)
+        return 5                                            # the log holds (p, 5) at seq 5
+    c.publish(b"r", 1, "p", [(5, "t", b"x")], 1, old_lookup)
+    assert calls == [5] and c.next_seq == 100 and c.duplicates == 1
+    assert c.durable(99).acks == [(b"r", 1, [5, 5])]

@@ -217,6 +217,13 @@ def test_snapshot_keeps_known_from_and_an_old_snapshot_restores_unknown() -> Non
     del d["from"]
     r, _ = DedupTable.restore(cbor2.dumps(d))
     assert r.known_from == 0
+    t.partial = {"p"}
+    d = cbor2.loads(t.snapshot(101))
+    assert d["partial"] == ["p"] and DedupTable.restore(cbor2.dumps(d))[0].partial == {"p"}
+    t.record("q", 1, 102)
+    d = cbor2.loads(t.snapshot(102))
+    del d["partial"]                        # written before the key: every producer partial
+    assert DedupTable.restore(cbor2.dumps(d))[0].partial == {"p", "q"}
 
 
 def test_a_snapshot_from_before_known_from_trusts_only_a_whole_log(tmp_path: Path) -> None:

@@ -146,6 +146,14 @@ def test_peer_messages_round_trip() -> None:
     assert peer.decode_peer(peer.encode_ack(3, 42)) == peer.ReplAck(3, 42)
 
 
+def test_a_history_whose_epoch_starts_below_the_one_before_is_a_real_history() -> None:
+    """A standby whose log ended at 80, having adopted [[1, 1], [3, 101]], promoted by
+    an operator: [4, 81] follows. Its peer must still hear its heartbeats."""
+    import dataclasses
+    hb = dataclasses.replace(HB, epoch=4, epochs=((1, 1), (3, 101), (4, 81)))
+    assert peer.decode_peer(peer.encode_heartbeat(hb)) == hb
+
+
 @pytest.mark.parametrize("frames", [
     peer.encode_heartbeat(HB), peer.encode_repl(3, [(41, T, REC)]), peer.encode_ack(3, 41)],
     ids=["heartbeat", "repl", "ack"])
