@@ -34,11 +34,16 @@ def cut_log(tmp_path: Path) -> None:
     LogStore(tmp_path / "d" / "log", fsync=False).close()     # opening applies retention
 
 
-def test_an_evicted_pair_is_found_in_the_log_and_a_chance_match_is_not_taken_for_it(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def small_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evict after a few runs, so a few records make evicted pairs."""
     monkeypatch.setattr(core_mod, "MAX_RUNS_PER_PRODUCER", 4)
     monkeypatch.setattr(core_mod, "EVICT_SLACK", 1)
     monkeypatch.setattr(core_mod, "MIN_PSEQ_WINDOW", 0)
+
+
+def test_an_evicted_pair_is_found_in_the_log_and_a_chance_match_is_not_taken_for_it(
+        tmp_path: Path, small_table: None) -> None:
     now = time.time_ns()
     chance = b"..." + env.record_pair_bytes("p", 3) + b"..."   # the pair's bytes in a payload
     recs = [(1, now, "x", 1, chance)]
@@ -243,10 +248,7 @@ def test_a_snapshot_from_before_known_from_trusts_only_a_whole_log(tmp_path: Pat
 
 
 def test_damage_met_by_the_search_refuses_the_frame_and_the_node_goes_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core_mod, "MAX_RUNS_PER_PRODUCER", 4)
-    monkeypatch.setattr(core_mod, "EVICT_SLACK", 1)
-    monkeypatch.setattr(core_mod, "MIN_PSEQ_WINDOW", 0)
+        tmp_path: Path, small_table: None) -> None:
     now = time.time_ns()
     recs = []
     for i in range(1, 2400, 2):                             # p and x alternate: one run per p
