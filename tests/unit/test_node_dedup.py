@@ -34,6 +34,15 @@ def cut_log(tmp_path: Path) -> None:
     LogStore(tmp_path / "d" / "log", fsync=False).close()     # opening applies retention
 
 
+def snapshot_p(tmp_path: Path, upto: int) -> None:
+    """A dedup snapshot that knows p's pairs 1..upto (seq = producer_seq) and covers upto."""
+    t = DedupTable()
+    for s in range(1, upto + 1):
+        t.record("p", s, s)
+    (tmp_path / "d").mkdir(exist_ok=True)
+    (tmp_path / "d" / "dedup.snapshot").write_bytes(t.snapshot(upto))
+
+
 @pytest.fixture
 def small_table(monkeypatch: pytest.MonkeyPatch) -> None:
     """Evict after a few runs, so a few records make evicted pairs."""
@@ -123,11 +132,7 @@ def test_a_table_that_saw_the_whole_history_takes_a_new_producers_late_first_mes
     through resends the first one message by message; those were never sequenced
     and are taken, not refused."""
     cut_log(tmp_path)
-    t = DedupTable()
-    for s in range(1, 151):
-        t.record("p", s, s)
-    (tmp_path / "d").mkdir(exist_ok=True)
-    (tmp_path / "d" / "dedup.snapshot").write_bytes(t.snapshot(150))
+    snapshot_p(tmp_path, 150)
     n = make_node(tmp_path)
     try:
         assert (n.log.first_seq, n.dedup.known_from) == (101, 1)
@@ -147,10 +152,7 @@ def test_a_snapshot_older_than_the_retention_cut_is_ignored(tmp_path: Path) -> N
     pseq 70 a hole between them, sequenced a second time; the snapshot is ignored
     instead, and the resend refused."""
     cut_log(tmp_path)
-    t = DedupTable()
-    for s in range(1, 51):
-        t.record("p", s, s)
-    (tmp_path / "d" / "dedup.snapshot").write_bytes(t.snapshot(50))
+    snapshot_p(tmp_path, 50)
     n = make_node(tmp_path)
     try:
         assert n.dedup.known_from == 101 and n.dedup.lookup("p", 70) == UNKNOWN_OLD
@@ -281,10 +283,7 @@ def test_a_set_aside_tail_leaves_the_table_and_the_snapshot_the_rest_stays(tmp_p
     records retention removed is kept, and the snapshot is rewritten to match, so a
     restart loads it instead of rebuilding from the cut log."""
     cut_log(tmp_path)                                       # p 1..100 removed, 101..150 kept
-    t = DedupTable()
-    for s in range(1, 151):
-        t.record("p", s, s)
-    (tmp_path / "d" / "dedup.snapshot").write_bytes(t.snapshot(150))
+    snapshot_p(tmp_path, 150)
     n = make_node(tmp_path)
     try:
         assert (n.log.first_seq, n.dedup.known_from) == (101, 1)
