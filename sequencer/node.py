@@ -1063,8 +1063,9 @@ class SequencerNode:
         left, it would name records that are gone; were the table rebuilt from the
         log alone, it would forget what retention removed (5.2)."""
         self.dedup.truncate_after(cut)
-        if self.log.last_seq == 0:                # all set aside: learn again from the peer
-            self.dedup.known_from = 0
+        if self.log.last_seq == 0:                # all set aside: learn again from the peer,
+            self.dedup.known_from = 0             # which may start after a gap in what the
+            self.dedup.partial = set(self.dedup.producers())   # table knows
         self._snap_seq = cut
         path = self.data / "dedup.snapshot"
         try:
