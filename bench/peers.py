@@ -253,6 +253,37 @@ def _take_entries(entries: list[Any], prev: tuple[int, int],
     return prev, n, None
 
 
+def _xread_all(conn: Any, key: str, n: int, count: int, check: Any,
+               block_ms: int | None = None) -> tuple[int, list[str], int]:
+    """XREAD ``n`` entries from the start of ``key``, ``count`` per call (with
+    ``block_ms``: waiting that long for more), each checked by :func:`_take_entries`.
+    Returns ``(entries taken, errors, time_ns of the first answer)``."""
+    send, read = conn.send_command, conn.read_response
+    block = ("BLOCK", block_ms) if block_ms is not None else ()
+    errors: list[str] = []
+    last = b"0-0"
+    prev = (0, 0)
+    got = 0
+    t_first = 0
+    while got < n:
+        send("XREAD", "COUNT", min(count, n - got), *block, "STREAMS", key, last)
+        resp = read()
+        if not resp:
+            errors.append(f"nothing for {block_ms / 1000:.0f} s after {got} of {n}"
+                          if block_ms is not None else f"the stream ended after {got} of {n}")
+            break
+        if not t_first:
+            t_first = time.time_ns()
+        entries = resp[0][1]
+        prev, ok, err = _take_entries(entries, prev, check)
+        got += ok
+        if err:
+            errors.append(err)
+            break
+        last = entries[-1][0]
+    return got, errors, t_first
+
+
 def redis_cons(a: dict[str, Any]) -> dict[str, Any]:
     """XREAD BLOCK from ``0``, COUNT ``count``: every entry's ID greater than the
     last (the stream's total order) and every producer's 1..N once, in order."""
@@ -265,30 +296,8 @@ def redis_cons(a: dict[str, Any]) -> dict[str, Any]:
     conn.read_response()
     say("READY")
     chk = PerProducer(a["producers"], a["n_per"])
-    check = chk.check
-    errors: list[str] = []
-    last = b"0-0"
-    prev = (0, 0)
-    got = 0
-    t_first = 0
     c0 = cpu_s()
-    send = conn.send_command
-    read = conn.read_response
-    while got < total and not errors:
-        send("XREAD", "COUNT", count, "BLOCK", idle_ms, "STREAMS", key, last)
-        resp = read()
-        if not resp:
-            errors.append(f"nothing for {idle_ms / 1000:.0f} s after {got} of {total}")
-            break
-        if not t_first:
-            t_first = time.time_ns()
-        entries = resp[0][1]
-        prev, ok, err = _take_entries(entries, prev, check)
-        got += ok
-        if err:
-            errors.append(err)
-            break
-        last = entries[-1][0]
+    got, errors, t_first = _xread_all(conn, key, total, count, chk.check, block_ms=idle_ms)
     t_end = time.time_ns()
     conn.disconnect()
     if not errors and chk.missing():
@@ -320,31 +329,9 @@ def redis_reader(a: dict[str, Any]) -> dict[str, Any]:
     say("READY")
     wait_go()
     chk = PerProducer(1, n)
-    check = chk.check
-    errors: list[str] = []
-    send = conn.send_command
-    read = conn.read_response
     c0 = cpu_s()
     t0 = time.time_ns()
-    t_first = 0
-    last = b"0-0"
-    prev = (0, 0)
-    got = 0
-    while got < n and not errors:
-        send("XREAD", "COUNT", min(count, n - got), "STREAMS", key, last)
-        resp = read()
-        if not resp:
-            errors.append(f"the stream ended after {got} of {n}")
-            break
-        if not t_first:
-            t_first = time.time_ns()
-        entries = resp[0][1]
-        prev, ok, err = _take_entries(entries, prev, check)
-        got += ok
-        if err:
-            errors.append(err)
-            break
-        last = entries[-1][0]
+    got, errors, t_first = _xread_all(conn, key, n, count, chk.check)
     t_end = time.time_ns()
     conn.disconnect()
     return {"ok": not errors and got == n, "received": got, "errors": errors,
