@@ -45,8 +45,8 @@ __all__ = ["DedupTable", "SequencerCore", "Released", "UNKNOWN_OLD"]
 #: Runs of (producer_seq -> seq) remembered per producer. A run is a stretch
 #: of consecutive producer seqs that got consecutive seqs (one publish frame
 #: usually makes one run), so 4096 runs cover at least 4096 and usually far
-#: more recent messages per producer. Older pairs are found by scanning the
-#: log (rare, counted).
+#: more recent messages per producer. Older pairs are searched for in the log
+#: by the driver (rare, counted).
 MAX_RUNS_PER_PRODUCER = 4096
 #: ...but the runs covering a producer's newest MIN_PSEQ_WINDOW producer seqs
 #: are never evicted: a plant's outbox (10,000 messages by default) can never
@@ -102,8 +102,9 @@ class DedupTable:
 
     Memory is bounded per producer by :data:`MAX_RUNS_PER_PRODUCER` (beyond
     the newest :data:`MIN_PSEQ_WINDOW` producer seqs) and :data:`HARD_MAX_RUNS`; pairs
-    below a producer's ``floor`` were evicted and :meth:`lookup` answers
-    :data:`UNKNOWN_OLD` for them so the driver can search the log.
+    below a producer's ``floor`` were evicted; for them, and for any pair below a
+    producer's oldest run, :meth:`lookup` answers :data:`UNKNOWN_OLD` and the
+    driver decides (it searches the log for evicted pairs).
 
     ``known_from``: the table holds the pair of every record from this seq on
     (except pairs below a producer's ``floor``). 1 when it has seen the whole
@@ -355,8 +356,9 @@ class SequencerCore:
                 old_lookup: "callable[[str, int], int | None] | None" = None) -> None:  # type: ignore[valid-type]
         """Sequence one PUBLISH frame's items. ``now`` is ns since the epoch.
 
-        ``old_lookup(producer, pseq)`` answers for pairs older than the dedup
-        window (the driver searches the log); without it they are refused.
+        ``old_lookup(producer, pseq)`` answers for pairs below what the table
+        remembers (the driver searches its log, or raises ``too-old``); without it
+        they are refused with ``too-old``.
         """
         p = self.dedup.producer(producer)
         seq = self.next_seq
@@ -438,8 +440,8 @@ class SequencerCore:
                 need = seq
                 seq += 1
         finally:
-            # Even if a lookup fails half-way, seqs already handed out stay
-            # handed out: never give the same seq twice.
+            # Lookups that can fail ran before the loop; should anything else fail
+            # half-way, seqs already handed out stay handed out: never twice.
             self.sequenced += seq - self.next_seq
             self.next_seq = seq
         self._acks.append((need, route, rid, pairs))
@@ -463,8 +465,8 @@ class SequencerCore:
 
     def _pending_lookup(self, producer: str, pseq: int) -> int | None:
         """The seq of ``(producer, pseq)`` among the records that are not durable yet
-        (rare path: only for pairs below the dedup window, which the log is searched
-        for, and which the log may not hold yet)."""
+        (rare path: only for pairs below what the table remembers, which the log
+        may not hold yet)."""
         for i, body in enumerate(self._undurable):
             m = decode_record(body)
             if m.producer_seq == pseq and m.producer == producer:
