@@ -101,6 +101,11 @@ class MemoryOutbox:
     def count(self) -> int:
         return len(self._p)
 
+    @staticmethod
+    def cost(topic: str, payload: bytes) -> int:
+        """What one message adds to :attr:`size`."""
+        return len(topic) + len(payload)
+
     def append(self, items: list[tuple[str, bytes]]) -> list[int]:
         add = sum(map(len, itertools.chain.from_iterable(items)))
         if len(self._p) + len(items) > self.max_count or self.size + add > self.max_bytes:
@@ -862,7 +867,8 @@ class Plant:
         # submissions wait for outbox room (on_full="block"): acks make room and
         # wake us through the DEALER, so do not spin on poll(0) meanwhile (that
         # spin took a few messages per turn and cost more CPU than the messages)
-        if (self._submit and (self.on_full != "block" or box.count < box.max_count)) or self._cmds:
+        if (self._submit and not self._blocked
+                and (self.on_full != "block" or box.count < box.max_count)) or self._cmds:
             return now
         if self._unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES and now >= self._resend_at:
             if self._link is None or self._link.can_seal:
@@ -983,13 +989,22 @@ class Plant:
             s.tracker.restart_replay(now)
 
     def _accept_submissions(self) -> None:
-        """Write queued submissions to the outbox (one fsync), then queue them to send."""
-        if self._blocked and self._out_box.count < self._out_box.max_count:
-            self._submit.extendleft(reversed(self._blocked))
-            self._blocked.clear()
+        """Write queued submissions to the outbox (one fsync), then queue them to send.
+
+        What does not fit waits in ``_blocked`` (``on_full="block"``; nothing
+        new is taken before it) or fails with :class:`OutboxFull`; a message
+        that could never fit (larger than ``outbox_max_bytes``) fails with
+        :class:`LocalProtocolError` either way."""
+        box = self._out_box
+        blocked = self._blocked
+        if blocked:
+            if box.count >= box.max_count or box.size + box.cost(*blocked[0].item) > box.max_bytes:
+                if box.count:
+                    return                     # acks will make room
+            self._submit.extendleft(reversed(blocked))
+            blocked.clear()
         if not self._submit:
             return
-        box = self._out_box
         room = MAX_FRAME_ITEMS * 4
         if self.on_full == "block":
             # take only what fits: retrying a whole batch against a full outbox
@@ -1001,7 +1016,13 @@ class Plant:
         pop = self._submit.popleft          # only this thread pops: len() only grows
         batch: list[Ticket] = [pop() for _ in range(min(room, len(self._submit)))]
         try:
-            pseqs = self._out_box.append([t.item for t in batch])
+            try:
+                pseqs = box.append([t.item for t in batch])
+            except (OutboxFull, LocalProtocolError):
+                # more than there is room for (by count or bytes), or more than
+                # could ever fit: append what fits now, one call still
+                batch = self._fit(batch)
+                pseqs = box.append([t.item for t in batch]) if batch else []
         except OutboxWriteFailed as exc:
             # a full disk: these messages were not kept; say so to their publishers
             # and go on (the next batch is tried afresh, and works once there is room)
@@ -1009,17 +1030,16 @@ class Plant:
             log.warning("%s", exc)
             self._refuse(batch, exc)
             return
-        except OutboxFull as exc:
-            if self.on_full == "block":
-                self._blocked.extend(batch)
-                self._accepting = False
-                return
-            self._refuse(batch, exc)   # accepting what fits one by one is not worth it
+        except LocalProtocolError as exc:    # not for want of room: these cannot be kept
+            self._refuse(batch, exc)
             return
         except BaseException:
             self._submit.extendleft(reversed(batch))   # the engine stops: _run fails them all
             self._accepting = False
             raise
+        if not batch:
+            self._accepting = False
+            return
         self._inflight_tickets.update(zip(pseqs, batch))
         for ps, t in zip(pseqs, batch):
             t.pseq = ps
@@ -1028,6 +1048,39 @@ class Plant:
             self._cond.notify_all()
         self._unsent.extend(pseqs)
         self.counters["published"] += len(pseqs)
+
+    def _fit(self, batch: list[Ticket]) -> list[Ticket]:
+        """The leading tickets of ``batch`` that fit the outbox now. The rest
+        wait in ``_blocked`` (on_full="block") or fail with OutboxFull; one
+        larger than the outbox's byte bound fails at once, whatever the mode."""
+        box = self._out_box
+        cost = box.cost
+        room_n = box.max_count - box.count
+        room_b = box.max_bytes - box.size
+        fits: list[Ticket] = []
+        never: list[Ticket] = []
+        rest: list[Ticket] = []
+        for i, t in enumerate(batch):
+            c = cost(*t.item)
+            if c > box.max_bytes:
+                never.append(t)
+            elif len(fits) < room_n and c <= room_b:
+                fits.append(t)
+                room_b -= c
+            else:
+                rest = batch[i:]
+                break
+        if never:
+            self._refuse(never, LocalProtocolError(
+                f"a message of {cost(*never[0].item)} bytes can never fit the outbox, bounded "
+                f"by {box.max_bytes} bytes (plant outbox_max_bytes)"))
+        if rest:
+            if self.on_full == "block":
+                self._blocked.extend(rest)
+            else:
+                self._refuse(rest, OutboxFull(box.count, box.size, box.max_count, box.max_bytes))
+        self._accepting = True                # _refuse cleared it: fits are still on their way
+        return fits
 
     def _refuse(self, batch: list[Ticket], exc: BaseException) -> None:
         """None of ``batch`` was accepted: each ticket fails with ``exc``."""

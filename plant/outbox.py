@@ -422,6 +422,11 @@ class Outbox:
         """Bound on :attr:`size`."""
         return self._max_bytes
 
+    @staticmethod
+    def cost(topic: str, payload: bytes) -> int:
+        """What one message adds to :attr:`size`."""
+        return len(topic.encode("utf-8")) + len(payload)
+
     @property
     def file_size(self) -> int:
         """Current size of ``outbox.dat`` in bytes."""

@@ -217,3 +217,77 @@ def test_when_the_engine_stops_waiting_tickets_learn_it_at_once(
         monkeypatch.undo()
     finally:
         p.close()
+
+
+@pytest.mark.parametrize("outbox", [True, False], ids=["disk-outbox", "memory-outbox"])
+def test_a_burst_larger_than_the_outbox_is_published_whole_when_publishers_block(
+        tmp_path: Path, node_factory, outbox: bool) -> None:
+    """60 messages of 100 KiB queued at once against an outbox of 1 MiB, with
+    ``on_full="block"``: the plant takes what fits and waits for acks to make
+    room. Every message is sequenced once, in publish order. (A queued batch over
+    the byte bound used to stop the engine -- "can never fit" -- with the disk
+    outbox, and to block for ever with the memory one.)"""
+    from orbcast.config import PlantConfig
+    from plant.client import Plant
+    node = node_factory().start()
+    n, size = 60, 100 * 1024
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="burst", data=str(tmp_path / "pl"),
+                      outbox_max_bytes=1 << 20)
+    with Plant(cfg, outbox=outbox, on_full="block") as p:
+        tickets = [p.publish_nowait("t/big", b"%04d" % i + b"x" * (size - 4)) for i in range(n)]
+        p.flush(60)
+        seqs = [t.result(10) for t in tickets]
+    assert seqs == list(range(1, n + 1))
+    node.stop()
+    assert [(s, ps) for s, _p, ps in node.records()] == [(s, s) for s in range(1, n + 1)]
+
+
+def test_a_burst_larger_than_the_outbox_fails_only_what_does_not_fit(
+        tmp_path: Path, node_factory) -> None:
+    """``on_full="error"``: of a burst over the outbox's byte bound, what fits is
+    kept and sequenced, the rest fails with OutboxFull, and the plant goes on."""
+    from orbcast.config import PlantConfig
+    from orbcast.errors import OutboxFull
+    from plant.client import Plant
+    node = node_factory().start()
+    n, size = 30, 100 * 1024
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="burst", data=str(tmp_path / "pl"),
+                      outbox_max_bytes=1 << 20)
+    kept: list[tuple[int, int]] = []
+    with Plant(cfg, outbox=True, on_full="error") as p:
+        tickets = [p.publish_nowait("t/big", b"%04d" % i + b"x" * (size - 4)) for i in range(n)]
+        for i, t in enumerate(tickets):
+            try:
+                kept.append((t.result(30), i))
+            except OutboxFull:
+                pass
+        assert kept and kept == sorted(kept)
+        last = p.publish("t/small", b"after", timeout=30)    # the engine went on
+    assert last == len(kept) + 1
+    node.stop()
+    recs = node.records()
+    assert [(s, ps) for s, _p, ps in recs] == [(s, s) for s in range(1, len(kept) + 2)]
+    assert [s for s, _i in kept] == list(range(1, len(kept) + 1))
+
+
+@pytest.mark.parametrize("on_full", ["error", "block"])
+def test_a_message_larger_than_the_outbox_fails_alone(
+        tmp_path: Path, node_factory, on_full: str) -> None:
+    """A message over ``outbox_max_bytes`` could never be kept: its ticket fails
+    with a clear error at once (it is not waited for, nor does it stop the
+    engine) and the messages around it are published."""
+    from orbcast.config import PlantConfig
+    from orbcast.errors import LocalProtocolError
+    from plant.client import Plant
+    node = node_factory().start()
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="huge", data=str(tmp_path / "pl"),
+                      outbox_max_bytes=1024)
+    with Plant(cfg, outbox=True, on_full=on_full) as p:
+        a = p.publish_nowait("t/a", b"small 1")
+        big = p.publish_nowait("t/a", b"x" * 2000)
+        b = p.publish_nowait("t/a", b"small 2")
+        with pytest.raises(LocalProtocolError, match="can never fit the outbox"):
+            big.result(30)
+        assert (a.result(30), b.result(30)) == (1, 2)
+    node.stop()
+    assert [(s, ps) for s, _p, ps in node.records()] == [(1, 1), (2, 2)]
