@@ -233,10 +233,16 @@ class PlantConfig:
     #: Live messages buffered above a gap before they are dropped (and later
     #: fetched by replay).
     gap_buffer: int = 20_000
+    #: ... and in bytes (a message reckoned at its wire size plus the ~320 B
+    #: of Python objects it decodes into).
+    gap_buffer_bytes: int = 16 << 20
     #: Messages waiting for the application per subscription; past that, live
     #: batches are dropped and fetched again by replay once it catches up. The
     #: plant's memory bound for an application that stops taking messages.
     ready_limit: int = 65_536
+    #: ... and in bytes (as for gap_buffer_bytes): with large messages this
+    #: is the bound that holds (65,536 messages of 256 KiB would be 16 GiB).
+    ready_bytes: int = 32 << 20
     #: Replay chunks in flight (flow control credit).
     replay_credit: int = 4
     #: Records per replay chunk requested.
@@ -274,6 +280,15 @@ class PlantConfig:
             raise ConfigError(f"ready_limit ({self.ready_limit}) must be at least twice "
                               f"replay_chunk_records ({self.replay_chunk_records}), or a replay "
                               "could never hand over a chunk", field="plant.ready_limit")
+        _check_range(self, "gap_buffer_bytes", 1 << 20, 1 << 40)
+        _check_range(self, "ready_bytes", 1 << 20, 1 << 40)
+        from .envelope import chunk_bytes
+        need = 2 * chunk_bytes(self.replay_chunk_records)
+        if self.ready_bytes < need:
+            raise ConfigError(f"ready_bytes ({self.ready_bytes}) must be at least {need}: twice "
+                              f"what one replay chunk of replay_chunk_records "
+                              f"({self.replay_chunk_records}) may hold, or a replay could never "
+                              "hand over a chunk", field="plant.ready_bytes")
         if self.security not in ("none", "ratchet"):
             raise ConfigError(f"security must be \"none\" or \"ratchet\", not {self.security!r}",
                               field="plant.security")

@@ -292,7 +292,7 @@ class Subscription:
             except IndexError:
                 pass
             else:
-                if tr._owed and len(tr.ready) < tr.ready_limit // 2:
+                if tr._owed and len(tr.ready) < tr.ready_limit // 2 and ready.seq >= tr.resume_seq:
                     self._plant._wake()
                 self._last = ready.seq
                 self.delivered += 1
@@ -330,7 +330,8 @@ class Subscription:
                             wait = min(wait, left)
                         cond.wait(wait)
                 continue
-            if self.tracker._owed and len(ready) < self.tracker.ready_limit // 2:
+            tr = self.tracker
+            if tr._owed and len(ready) < tr.ready_limit // 2 and m.seq >= tr.resume_seq:
                 self._plant._wake()
             self._last = m.seq
             self.delivered += 1
@@ -358,7 +359,8 @@ class Subscription:
         if len(out) > 1:
             self._last = out[-1].seq
             self.delivered += len(out) - 1
-            if self.tracker._owed and len(ready) < self.tracker.ready_limit // 2:
+            tr = self.tracker
+            if tr._owed and len(ready) < tr.ready_limit // 2 and out[-1].seq >= tr.resume_seq:
                 self._plant._wake()
         return out
 
@@ -598,7 +600,8 @@ class Plant:
                 start = Start.at_seq(saved + 1)
         st = start if isinstance(start, Start) else parse_start(start)
         tr = Tracker(start=st, prefix=prefix, new_rid=self._rid, buffer_limit=self.cfg.gap_buffer,
-                     ready_limit=self.cfg.ready_limit,
+                     ready_limit=self.cfg.ready_limit, ready_bytes=self.cfg.ready_bytes,
+                     buffer_bytes=self.cfg.gap_buffer_bytes,
                      credit=self.cfg.replay_credit, chunk_records=self.cfg.replay_chunk_records,
                      request_timeout=self.cfg.request_timeout_ms / 1000, to_seq=to_seq)
         sub = Subscription(self, tr, cp, auto_ack)
@@ -1351,7 +1354,8 @@ class Plant:
                 return
             msgs = env.decode_records(ev.records)
             for s in self._subs:
-                s.tracker.on_chunk(ev.rid, ev.start_seq, ev.next_seq, ev.last_seq, ev.done, msgs, now)
+                s.tracker.on_chunk(ev.rid, ev.start_seq, ev.next_seq, ev.last_seq, ev.done, msgs, now,
+                                   len(ev.records))
             # Pipelining: the credit this chunk earned goes out now, not at the end of
             # the turn (after every queued chunk is decoded), so the node cuts the next
             # chunk while we decode; and the application starts on this one at once.
@@ -1591,13 +1595,14 @@ class Plant:
                         # decode only for the subscriptions that will use it: one that
                         # holds these seqs already, or would drop them (buffer full),
                         # is told the tail without the cost of decoding the records
-                        takers = [s for s in subs if s.tracker.admits(first, last, now)]
+                        nbytes = len(ev.records)
+                        takers = [s for s in subs if s.tracker.admits(first, last, now, nbytes)]
                         if takers:
                             msgs = env.decode_records(ev.records)
                             if len(msgs) != last - first + 1 or msgs[0].seq != first or msgs[-1].seq != last:
                                 raise RemoteProtocolError("batch records do not match its head")
                             for s in takers:
-                                s.tracker.take(first, last, msgs, now)
+                                s.tracker.take(first, last, msgs, now, nbytes)
                 elif type(ev) is Heartbeat:
                     self.counters["heartbeats"] += 1
                     if ev.epoch < self._max_epoch or ev.role != "active":

@@ -39,6 +39,17 @@ Flow control: the node sends a chunk only against credit. The tracker grants
 credit while the application's ready queue has room for another chunk, so a
 slow consumer is never flooded; live batches arriving while the ready queue
 is full are dropped (and fetched later by replay).
+
+Memory: the ready queue and the gap buffer are bounded both in messages
+(``ready_limit``, ``buffer_limit``) and in bytes (``ready_bytes``,
+``buffer_bytes``): a count alone lets 65,536 messages of 256 KiB fill 16 GiB
+of a Pi's RAM. A message is reckoned at its share of the wire size of the
+batch or chunk that brought it plus :data:`~orbcast.envelope.MSG_OVERHEAD` (the Python objects
+it is decoded into). The application thread pops the ready queue, so the
+byte count is kept from the engine's side alone: the messages delivered
+together form a *group* ``(last seq, bytes)``, and a group counts until the
+next message to pop lies beyond it. (Either bound may be passed by one live
+batch, and by the chunks already granted.)
 """
 
 from __future__ import annotations
@@ -48,10 +59,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from orbcast.envelope import MAX_SEQ, Cancel, Credit, Message, ReplayRequest
+from orbcast.envelope import (MAX_BODY_BYTES, MAX_SEQ, MSG_OVERHEAD, Cancel, Credit, Message, ReplayRequest,
+                              chunk_bytes)
 from orbcast.errors import RemoteProtocolError
 
-__all__ = ["Tracker", "Start"]
+__all__ = ["Tracker", "Start", "wire_size"]
 
 #: Retry delay after a "not-active" answer (a failover is under way).
 NOT_ACTIVE_RETRY_S = 0.1
@@ -95,24 +107,37 @@ class Tracker:
     def __init__(self, *, start: Start, prefix: str = "", new_rid: Callable[[], int],
                  buffer_limit: int = 20_000, ready_limit: int = 65_536, credit: int = 4,
                  chunk_records: int = 4096, request_timeout: float = 2.0,
-                 to_seq: int | None = None) -> None:
+                 to_seq: int | None = None, ready_bytes: int = 1 << 62,
+                 buffer_bytes: int = 1 << 62, chunk_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.prefix = prefix
         self._new_rid = new_rid
         self.buffer_limit = buffer_limit
         self.ready_limit = ready_limit
+        self.ready_bytes_limit = ready_bytes
+        self.buffer_bytes_limit = buffer_bytes
+        #: What one granted chunk may add to the ready queue, in bytes.
+        self.chunk_bytes = chunk_bytes(chunk_records, chunk_body_bytes)
         self.credit = credit
         self.chunk_records = chunk_records
         self.request_timeout = request_timeout
         #: Stop after this seq (bounded replays); None follows live forever.
         self.to_seq = to_seq
         self.ready: deque[Message] = deque()
+        # (last seq, bytes) of the messages delivered together, oldest first;
+        # only the engine's thread touches these (see ready_bytes())
+        self._groups: deque[tuple[int, int]] = deque()
+        self._ready_bytes = 0
+        #: While credit is owed for bytes: the seq whose pop brings the ready
+        #: queue under half its byte bound (the application wakes the engine then).
+        self.resume_seq = 0
         self.next_seq: int | None = start.value if start.kind == "seq" else None
         self._since: int | None = start.value if start.kind == "time" else None
         self.known_tail = 0                   # highest seq known to exist
         #: For a start by time: the seq the node resolved it to.
         self.resolved_start: int | None = None
-        self._buf: list[tuple[int, int, list[Message]]] = []   # (first, last, matching msgs)
+        self._buf: list[tuple[int, int, list[Message], int]] = []   # (first, last, matching msgs, bytes)
         self._buf_n = 0                       # records covered by the buffer
+        self._buf_bytes = 0                   # their bytes (as reckoned for ready)
         # replay in flight
         self._rid: int | None = None
         self._outstanding = 0                 # chunks granted and not yet received
@@ -138,14 +163,15 @@ class Tracker:
         """True once a bounded subscription delivered up to ``to_seq``."""
         return self.to_seq is not None and self.next_seq is not None and self.next_seq > self.to_seq
 
-    def admits(self, first: int, last: int, now: float) -> bool:
+    def admits(self, first: int, last: int, now: float, nbytes: int = 0) -> bool:
         """Whether live batch ``first..last`` will be used; decided from its
         head alone. If not (we hold it already, or it must be dropped because
         the gap buffer or the ready queue is full) it is accounted for here
         (tail, drop counter, replay request) and nothing more is to be done:
         the caller need not decode it, so a consumer that has fallen behind
         stops spending its CPU on batches it throws away. If so, hand its
-        messages to :meth:`take`. This is the one place that decides."""
+        messages to :meth:`take`. ``nbytes`` is the batch's records' wire size
+        (for the gap buffer's byte bound). This is the one place that decides."""
         nxt = self.next_seq
         if nxt is None:
             if self._since is None:
@@ -155,13 +181,15 @@ class Tracker:
                 self.known_tail = last
             return False
         elif first <= nxt:
-            if len(self.ready) < self.ready_limit:
+            if self._has_room():
                 return True
             if last > self.known_tail:
                 self.known_tail = last
             self.dropped_live += 1           # the consumer is slow: fetched later by replay
             return False
-        if self._buf_n + last - first + 1 <= self.buffer_limit and len(self.ready) < self.ready_limit:
+        n = last - first + 1
+        if (self._buf_n + n <= self.buffer_limit and self._has_room()
+                and self._buf_bytes + nbytes + n * MSG_OVERHEAD <= self.buffer_bytes_limit):
             return True                      # a gap (or a start by time): it is buffered
         if last > self.known_tail:
             self.known_tail = last
@@ -170,32 +198,39 @@ class Tracker:
             self._maybe_request(now)
         return False
 
-    def take(self, first: int, last: int, msgs: list[Message], now: float) -> None:
+    def take(self, first: int, last: int, msgs: list[Message], now: float,
+             nbytes: int | None = None) -> None:
         """The decoded records of a live batch that :meth:`admits` accepted
         (only the application thread pops :attr:`ready` meanwhile, which
-        leaves that decision standing)."""
+        leaves that decision standing); ``nbytes``: their wire size, reckoned
+        from the messages if not given."""
+        if nbytes is None:
+            nbytes = wire_size(msgs)
         if last > self.known_tail:
             self.known_tail = last
         if self.next_seq is None:
             if self._since is not None:      # waiting for the time lookup: buffer
-                self._buffer(first, last, msgs)
+                self._buffer(first, last, msgs, nbytes)
                 return
             self.next_seq = first            # "now": the stream starts here
             if self.finished:
                 return
         if first <= self.next_seq:
-            self.live_delivered += self._deliver(msgs, self.next_seq)
+            self.live_delivered += self._deliver(msgs, self.next_seq, nbytes)
             self.next_seq = last + 1
             self._drain_buffer()
         else:
-            self._buffer(first, last, msgs)
+            self._buffer(first, last, msgs, nbytes)
         self._maybe_request(now)
 
-    def on_batch(self, first: int, last: int, msgs: list[Message], now: float) -> None:
+    def on_batch(self, first: int, last: int, msgs: list[Message], now: float,
+                 nbytes: int | None = None) -> None:
         """A live batch (records ``first..last``, all of them, decoded):
         :meth:`admits`, then :meth:`take` if admitted."""
-        if self.admits(first, last, now):
-            self.take(first, last, msgs, now)
+        if nbytes is None:
+            nbytes = wire_size(msgs)
+        if self.admits(first, last, now, nbytes):
+            self.take(first, last, msgs, now, nbytes)
 
     def on_heartbeat(self, last_seq: int, now: float) -> None:
         """The node's newest seq is ``last_seq`` (a tail gap if we lack it)."""
@@ -206,7 +241,7 @@ class Tracker:
         self._maybe_request(now)
 
     def on_chunk(self, rid: int, start_seq: int, next_seq: int, last_seq: int, done: bool,
-                 msgs: list[Message], now: float) -> None:
+                 msgs: list[Message], now: float, nbytes: int | None = None) -> None:
         """A replay chunk for request ``rid`` (ignored if stale).
 
         ``msgs`` must be in increasing seq order (as :func:`~orbcast.envelope.decode_records`
@@ -229,7 +264,8 @@ class Tracker:
             self._reset_replay(now, cancel=True)
             self._maybe_request(now)
             return
-        self.repaired += self._deliver(msgs, self.next_seq)
+        self.repaired += self._deliver(msgs, self.next_seq,
+                                       wire_size(msgs) if nbytes is None else nbytes)
         if next_seq > self.next_seq:
             self.next_seq = next_seq
         if self.to_seq is not None and self.next_seq > self.to_seq + 1:
@@ -273,12 +309,16 @@ class Tracker:
         """The application took messages from :attr:`ready`: maybe grant credit.
 
         The plant's engine calls this on every turn; it is cheap when nothing is owed."""
-        if self._owed and len(self.ready) < self.ready_limit // 2:
-            n, self._owed = self._owed, 0
-            if self._outstanding <= 0:
-                # the node was idle because of us: its answer is due from now on
-                self._deadline = now + self.request_timeout
-            self._grant(n)
+        if self._owed:
+            if len(self.ready) < self.ready_limit // 2 and \
+                    self.ready_bytes() <= self.ready_bytes_limit // 2:
+                n, self._owed = self._owed, 0
+                if self._outstanding <= 0:
+                    # the node was idle because of us: its answer is due from now on
+                    self._deadline = now + self.request_timeout
+                self._grant(n)
+            else:                            # still full: when to wake us (Subscription.get)
+                self.resume_seq = self._resume_point()
         self._maybe_request(now)
 
     def tick(self, now: float) -> None:
@@ -305,7 +345,7 @@ class Tracker:
         """When :meth:`tick` next needs to run."""
         if self._rid is not None:
             return None if self._paused else self._deadline   # consumed() resumes a pause
-        if len(self.ready) >= self.ready_limit:
+        if not self._has_room():
             return None                       # consumed() wakes us
         if self._gap_exists():
             return self._retry_at
@@ -316,7 +356,23 @@ class Tracker:
                 "gaps": self.gaps, "repaired": self.repaired, "buffer_hwm": self.buffer_hwm,
                 "dropped_live": self.dropped_live, "replays": self.replays,
                 "replay_retries": self.retries, "lost_to_retention": self.lost_to_retention,
-                "ready": len(self.ready)}
+                "ready": len(self.ready), "ready_bytes": self._ready_bytes}
+
+    def ready_bytes(self) -> int:
+        """Bytes held by :attr:`ready` (as reckoned: see the module doc); the
+        engine's thread only. Forgets the groups the application has popped:
+        those whose last seq lies below the next message to pop."""
+        groups = self._groups
+        if groups:
+            try:
+                head = self.ready[0].seq
+            except IndexError:               # all popped
+                groups.clear()
+                self._ready_bytes = 0
+                return 0
+            while groups and groups[0][0] < head:
+                self._ready_bytes -= groups.popleft()[1]
+        return self._ready_bytes
 
     # --- internals -------------------------------------------------------------
 
@@ -326,53 +382,84 @@ class Tracker:
         node is silent because of us, which is no reason to time the replay out."""
         return self._owed > 0 and self._outstanding <= 0
 
-    def _deliver(self, msgs: list[Message], from_seq: int) -> int:
-        """Append the deliverable ones to :attr:`ready`; returns how many.
-        (Counted here, not from ``len(ready)``: the application thread pops
-        from ``ready`` concurrently.)"""
+    def _has_room(self) -> bool:
+        return len(self.ready) < self.ready_limit and self.ready_bytes() < self.ready_bytes_limit
+
+    def _resume_point(self) -> int:
+        """The seq after whose pop the ready queue holds at most half its byte
+        bound (0 if it does now)."""
+        half = self.ready_bytes_limit // 2
+        if self.ready_bytes() <= half:
+            return 0
+        acc = 0
+        for last, b in reversed(self._groups):
+            acc += b
+            if acc > half:
+                return last
+        return 0                             # not reached: the groups sum to ready_bytes
+
+    def _deliver(self, msgs: list[Message], from_seq: int, nbytes: int) -> int:
+        """Append the deliverable ones to :attr:`ready` (``msgs`` came in
+        ``nbytes`` of records); returns how many. (Counted here, not from
+        ``len(ready)``: the application thread pops from ``ready`` concurrently.)"""
         prefix = self.prefix
         to = self.to_seq
         ready = self.ready
+        n = len(msgs)
         if not prefix and to is None:
             # the common case (everything, unbounded): skip what we have, take the rest
             if msgs and msgs[0].seq >= from_seq:
                 ready.extend(msgs)
-                return len(msgs)
+                self._count(msgs[-1].seq, nbytes + n * MSG_OVERHEAD)
+                return n
             i = 0
-            n = len(msgs)
             while i < n and msgs[i].seq < from_seq:
                 i += 1
             ready.extend(msgs[i:])
-            return n - i
-        k = 0
-        for m in msgs:
-            if m.seq < from_seq:
-                continue
-            if to is not None and m.seq > to:
-                break
-            if not prefix or m.topic.startswith(prefix):
-                ready.append(m)
-                k += 1
+            k = n - i
+            last = msgs[-1].seq if k else 0
+        else:
+            k = 0
+            last = 0
+            for m in msgs:
+                if m.seq < from_seq:
+                    continue
+                if to is not None and m.seq > to:
+                    break
+                if not prefix or m.topic.startswith(prefix):
+                    ready.append(m)
+                    k += 1
+                    last = m.seq
+        if k:
+            self._count(last, nbytes * k // n + k * MSG_OVERHEAD)
         return k
 
-    def _buffer(self, first: int, last: int, msgs: list[Message]) -> None:
+    def _count(self, last_seq: int, b: int) -> None:
+        self._groups.append((last_seq, b))
+        self._ready_bytes += b
+
+    def _buffer(self, first: int, last: int, msgs: list[Message], nbytes: int) -> None:
         """Keep a batch above the cursor (:meth:`admits` checked the room)."""
         n = last - first + 1
-        if self.prefix:
+        if self.prefix and msgs:
+            k = len(msgs)
             msgs = [m for m in msgs if m.topic.startswith(self.prefix)]
+            nbytes = nbytes * len(msgs) // k
         i = bisect.bisect(self._buf, (first,))
-        self._buf.insert(i, (first, last, msgs))
+        self._buf.insert(i, (first, last, msgs, nbytes))
         self._buf_n += n
+        self._buf_bytes += nbytes + len(msgs) * MSG_OVERHEAD
         if self._buf_n > self.buffer_hwm:
             self.buffer_hwm = self._buf_n
 
     def _drain_buffer(self) -> None:
         buf = self._buf
         while buf and self.next_seq is not None and buf[0][0] <= self.next_seq:
-            first, last, msgs = buf.pop(0)
+            first, last, msgs, nbytes = buf.pop(0)
             self._buf_n -= last - first + 1
+            self._buf_bytes -= nbytes + len(msgs) * MSG_OVERHEAD
             if last >= self.next_seq:
-                self._deliver(msgs, self.next_seq)
+                self._deliver(msgs, self.next_seq, nbytes)
                 self.next_seq = last + 1
 
     def _gap_exists(self) -> bool:
@@ -388,7 +475,7 @@ class Tracker:
     def _maybe_request(self, now: float) -> None:
         if self._rid is not None or not self._gap_exists() or now < self._retry_at:
             return
-        if len(self.ready) >= self.ready_limit:
+        if not self._has_room():
             return                            # resume when the app catches up
         if self.next_seq is None:             # start by time
             # Credit 1: the first chunk tells us where the start is, so no later chunk
@@ -420,8 +507,10 @@ class Tracker:
     def _grant(self, n: int) -> None:
         if self._rid is None:
             return
-        if len(self.ready) + self.chunk_records > self.ready_limit:
+        if (len(self.ready) + self.chunk_records > self.ready_limit
+                or self.ready_bytes() + self.chunk_bytes > self.ready_bytes_limit):
             self._owed += n
+            self.resume_seq = self._resume_point()
             return
         self._outstanding += n
         self._out.append(Credit(rid=self._rid, credit=n))
@@ -434,3 +523,9 @@ class Tracker:
         self._owed = 0
         self._retry_at = now + self._backoff
         self._backoff = min(self._backoff * 2, MAX_RETRY_BACKOFF_S)
+
+
+def wire_size(msgs: list[Message]) -> int:
+    """About the wire size of ``msgs`` as records (for callers that do not
+    have the frame they came in)."""
+    return sum(len(m.payload) + len(m.topic) + len(m.producer) + 36 for m in msgs)

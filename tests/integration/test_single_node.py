@@ -406,6 +406,44 @@ def test_a_subscription_holds_at_most_ready_limit_messages_for_its_application(
         assert got == list(range(1, n + 1))
 
 
+def test_a_subscription_of_large_messages_is_bounded_in_bytes_not_only_in_count(
+        tmp_path: Path, node_factory) -> None:
+    """Large messages and an application that stops taking them: a count bound of
+    65,536 would hold all 400 messages of 100 KiB here (40 MB; on a Pi with 256 KiB
+    payloads, 16 GiB); ``ready_bytes`` keeps what waits to its bound plus one live
+    batch and the replay chunks already granted, and the application still gets
+    every message, in order, when it reads again."""
+    from orbcast.config import PlantConfig
+    from orbcast.envelope import MAX_BODY_BYTES, chunk_bytes
+    from plant.client import Plant
+    node = node_factory().start()
+    n, size = 400, 100 * 1024
+    bound = 3 << 20
+    pub_cfg = PlantConfig(sequencers=[node.ingress], producer_id="p", data=str(tmp_path / "p"))
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="c", data=str(tmp_path / "c"),
+                      replay_chunk_records=100, ready_bytes=bound, gap_buffer_bytes=1 << 20)
+    # held at most: the bound, one live batch, the granted chunks, the gap buffer
+    most = (bound + MAX_BODY_BYTES + cfg.replay_credit * chunk_bytes(100)
+            + cfg.gap_buffer_bytes) // size
+    assert most < n // 3
+    with Plant(cfg, outbox=False) as c, Plant(pub_cfg, outbox=False, on_full="block") as p:
+        sub = c.subscribe("", start=1)
+        for i in range(n):                 # 40 MB: more than the publisher's outbox holds
+            p.publish_nowait("t/big", b"%08d" % i + b"x" * (size - 8))
+        p.flush(60)
+        wait_for(lambda: sub.tracker.stats()["known_tail"] >= n, 30, "the plant to see the tail")
+        assert len(sub.tracker.ready) <= most
+        got: list[int] = []
+        while len(got) < n:
+            ms = sub.get_many(16, timeout=30)
+            assert ms, f"stalled at {len(got)}"
+            got += [m.seq for m in ms]
+            assert all(m.payload[:8] == b"%08d" % (m.seq - 1) for m in ms)
+            assert len(sub.tracker.ready) <= most
+        assert got == list(range(1, n + 1))
+        assert sub.tracker.stats()["dropped_live"] > 0      # the bound did drop live batches
+
+
 def test_a_resend_retention_may_have_removed_is_refused_and_fails_only_its_message(
         tmp_path: Path, node_factory) -> None:
     """Dedup has no time window, but retention removes records: when the node's table

@@ -401,3 +401,21 @@ def test_ready_limit_is_configurable_and_must_leave_room_for_a_replay_chunk() ->
     with pytest.raises(ConfigError, match="ready_limit .* twice replay_chunk_records"):
         PlantConfig(ready_limit=4096, replay_chunk_records=4096)
     PlantConfig(ready_limit=8192, replay_chunk_records=4096)
+
+
+def test_the_plant_memory_bounds_in_bytes_are_configurable_and_checked() -> None:
+    from orbcast.envelope import chunk_bytes
+    p = load(PlantConfig, env={"ORBCAST_PLANT_READY_BYTES": str(8 << 20),
+                               "ORBCAST_PLANT_GAP_BUFFER_BYTES": str(2 << 20)})
+    assert (p.ready_bytes, p.gap_buffer_bytes) == (8 << 20, 2 << 20)
+    assert (PlantConfig().ready_bytes, PlantConfig().gap_buffer_bytes) == (32 << 20, 16 << 20)
+    least = 2 * chunk_bytes(4096)                 # twice a chunk of the default 4096 records
+    PlantConfig(ready_bytes=least)
+    with pytest.raises(ConfigError, match=r"ready_bytes \(\d+\) must be at least %d" % least) as e:
+        PlantConfig(ready_bytes=least - 1)
+    assert e.value.field == "plant.ready_bytes"
+    PlantConfig(ready_bytes=2 * chunk_bytes(100), replay_chunk_records=100)   # smaller chunks
+    for name, bad in (("ready_bytes", 1000), ("gap_buffer_bytes", 1000)):
+        with pytest.raises(ConfigError) as e:
+            PlantConfig(**{name: bad})
+        assert e.value.field == f"plant.{name}"

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from orbcast.envelope import Cancel, Credit, Message, ReplayRequest
+from orbcast.envelope import MSG_OVERHEAD, Cancel, Credit, Message, ReplayRequest, chunk_bytes
 from orbcast.errors import RemoteProtocolError
-from plant.tracker import MAX_RETRY_BACKOFF_S, Start, Tracker
+from plant.tracker import MAX_RETRY_BACKOFF_S, Start, Tracker, wire_size
 
 
 def msg(seq: int, topic: str = "t") -> Message:
@@ -342,6 +342,103 @@ def test_live_batches_are_dropped_while_ready_is_full_then_replayed() -> None:
     assert seqs(tr) == [6, 7, 8]
 
 
+def big(first: int, last: int, size: int = 10_000) -> list[Message]:
+    return [Message(s, 1, 1000 * s, "p", s, "t", b"x" * size) for s in range(first, last + 1)]
+
+
+#: What tracker() reckons for one big() message (its wire size plus the objects)
+BIG = wire_size(big(1, 1)) + MSG_OVERHEAD
+
+
+def test_live_batches_are_dropped_while_ready_is_full_in_bytes_then_replayed() -> None:
+    """Few messages but large ones: the byte bound stops the ready queue where
+    the count bound would not."""
+    tr = tracker(ready_bytes=3 * BIG)
+    for s in range(1, 4):
+        tr.on_batch(s, s, big(s, s), 0.0)
+    assert tr.ready_bytes() == 3 * BIG and tr.stats()["ready_bytes"] == 3 * BIG
+    tr.on_batch(4, 5, big(4, 5), 0.0)                    # 3 x BIG is not below the bound
+    assert tr.dropped_live == 1 and seqs(tr) == [1, 2, 3]
+    tr.on_heartbeat(5, 0.1)
+    assert tr.actions() == [] and tr.deadline() is None  # no replay into a full queue
+    tr.ready.popleft()                                   # the application takes one
+    assert tr.ready_bytes() == 2 * BIG                   # seq 1's bytes are forgotten
+    tr.consumed(0.2)
+    assert tr.actions() == [req(1, 4, 5)]
+    tr.on_chunk(1, 4, 6, 5, True, big(4, 5), 0.3)
+    assert seqs(tr) == [2, 3, 4, 5] and tr.ready_bytes() == 4 * BIG
+    tr.ready.clear()
+    assert tr.ready_bytes() == 0
+
+
+def test_ready_bytes_counts_what_a_batch_brought_until_all_of_it_is_popped() -> None:
+    """The messages delivered together are one group, forgotten when the next
+    message to pop lies beyond it (the engine never sees the pops themselves)."""
+    tr = tracker()
+    tr.on_batch(1, 3, big(1, 3), 0.0, nbytes=3000)
+    tr.on_batch(4, 4, big(4, 4), 0.0, nbytes=1000)
+    assert tr.ready_bytes() == 4000 + 4 * MSG_OVERHEAD
+    tr.ready.popleft()
+    tr.ready.popleft()
+    assert tr.ready_bytes() == 4000 + 4 * MSG_OVERHEAD   # 3 is still waiting
+    tr.ready.popleft()
+    assert tr.ready_bytes() == 1000 + MSG_OVERHEAD
+    tr.on_batch(5, 6, big(5, 6), 0.0, nbytes=500)        # an overlap: only 6 is new
+    assert seqs(tr) == [4, 5, 6]
+    tr.on_batch(5, 8, big(5, 8), 0.0, nbytes=4000)
+    assert seqs(tr) == [4, 5, 6, 7, 8]                   # 7, 8: half the batch
+    assert tr.ready_bytes() == 1000 + 500 + 2000 + 5 * MSG_OVERHEAD
+
+
+def test_credit_is_withheld_while_ready_holds_too_many_bytes() -> None:
+    """A replay of large messages: credit waits until the application has taken
+    enough of them, and the tracker names the seq whose pop should wake the
+    engine (so Subscription.get does not wake it for every message)."""
+    cb = chunk_bytes(2, 2 * BIG - 2 * MSG_OVERHEAD)       # two big() messages a chunk
+    assert cb == 2 * BIG
+    tr = tracker(start=Start.at_seq(1), credit=1, chunk_records=2, ready_bytes=5 * BIG,
+                 chunk_body_bytes=2 * BIG - 2 * MSG_OVERHEAD)
+    tr.on_heartbeat(100, 0.0)
+    assert tr.actions() == [req(1, 1, 100, credit=1, max_records=2)]
+    tr.on_chunk(1, 1, 3, 100, False, big(1, 2), 0.1)
+    assert tr.actions() == [Credit(rid=1, credit=1)]     # 2 + 2 <= 5 big messages
+    tr.on_chunk(1, 3, 5, 100, False, big(3, 4), 0.2)
+    assert tr.actions() == []                            # 4 + 2 > 5: withheld
+    assert tr.resume_seq == 2      # once 1..2 are popped, 2 x BIG <= half of 5 x BIG
+    tr.ready.popleft()
+    tr.consumed(0.3)
+    assert tr.actions() == [] and tr.resume_seq == 2
+    tr.ready.popleft()
+    tr.consumed(0.4)
+    assert tr.actions() == [Credit(rid=1, credit=1)]
+    tr.on_chunk(1, 5, 7, 100, False, big(5, 6), 0.5)
+    assert seqs(tr) == [3, 4, 5, 6]
+
+
+def test_a_credit_withheld_for_the_count_alone_wakes_at_any_seq() -> None:
+    tr = tracker(start=Start.at_seq(1), credit=2, chunk_records=10, ready_limit=25)
+    tr.on_heartbeat(100, 0.0)
+    tr.actions()
+    chunk(tr, 1, 1, 11)
+    chunk(tr, 1, 11, 21)
+    assert tr._owed and tr.resume_seq == 0
+
+
+def test_gap_buffer_bound_in_bytes_drops_and_replay_recovers() -> None:
+    tr = tracker(buffer_bytes=2 * BIG)
+    tr.on_batch(1, 1, big(1, 1), 0.0)
+    tr.on_batch(5, 5, big(5, 5), 0.0)                    # buffered: BIG
+    tr.on_batch(6, 7, big(6, 7), 0.0)                    # 3 x BIG > 2 x BIG: dropped
+    tr.on_batch(8, 8, big(8, 8), 0.0)                    # 2 x BIG: buffered
+    assert tr.dropped_live == 1 and tr._buf_bytes == 2 * BIG
+    assert tr.actions() == [req(1, 2, 4)]
+    tr.on_chunk(1, 2, 5, 8, True, big(2, 4), 0.1)
+    assert seqs(tr) == [1, 2, 3, 4, 5] and tr._buf_bytes == BIG
+    assert tr.actions() == [req(2, 6, 7)]
+    tr.on_chunk(2, 6, 8, 8, True, big(6, 7), 0.2)
+    assert seqs(tr) == list(range(1, 9)) and tr._buf_bytes == 0
+
+
 # --- late start ---------------------------------------------------------------------------
 
 def test_late_start_at_a_seq_has_no_gap_and_no_duplicate_at_the_seam() -> None:
@@ -612,10 +709,17 @@ def simulate(seed: int, gate: bool = False) -> dict[str, Any]:
         start = Start.now()
     ready_limit = rnd.choice([16, 200, 65_536])
     rids = itertools.count(1)
+    chunk_records = rnd.choice([1, 3, 8])
+    # byte bounds: none, or near the least that works (twice a chunk's worth), or a
+    # gap buffer too small for most batches
+    per = wire_size(log[:1]) + MSG_OVERHEAD             # every message has the same size
+    body = chunk_records * wire_size(log[:1])
+    cb = chunk_bytes(chunk_records, body)
     tr = Tracker(start=start, prefix=prefix, new_rid=lambda: next(rids),
                  buffer_limit=rnd.choice([2, 20, 20_000]), ready_limit=ready_limit,
-                 credit=rnd.randint(1, 4), chunk_records=rnd.choice([1, 3, 8]),
-                 request_timeout=1.0)
+                 credit=rnd.randint(1, 4), chunk_records=chunk_records,
+                 request_timeout=1.0, ready_bytes=rnd.choice([1 << 62, 2 * cb, 5 * cb]),
+                 buffer_bytes=rnd.choice([1 << 62, 500, 5000]), chunk_body_bytes=body)
     node = FakeNode(log, first_seq, rnd.choice([0.0, 0.0, 0.2]), rnd)
     p_drop_live = rnd.choice([0.0, 0.1, 0.5])
     p_drop_chunk = rnd.choice([0.0, 0.02, 0.1])
@@ -652,8 +756,8 @@ def simulate(seed: int, gate: bool = False) -> dict[str, Any]:
                 expect_start = b[1]
             if not gate:
                 tr.on_batch(b[1], b[2], log[b[1] - 1:b[2]], now)
-            elif tr.admits(b[1], b[2], now):       # the engine decodes only then
-                tr.take(b[1], b[2], log[b[1] - 1:b[2]], now)
+            elif tr.admits(b[1], b[2], now, wire_size(log[b[1] - 1:b[2]])):  # the engine
+                tr.take(b[1], b[2], log[b[1] - 1:b[2]], now)           # decodes only then
         if step % 5 == 0 and rnd.random() < 0.8:         # heartbeats (some lost too)
             if expect_start is None and tr.next_seq is None:
                 expect_start = tail + 1
@@ -666,6 +770,13 @@ def simulate(seed: int, gate: bool = False) -> dict[str, Any]:
             else:
                 tr.on_error(*args, now)
         tr.tick(now)
+        # the byte bounds hold: the gap buffer's, and the ready queue's but for one
+        # live batch (at most 6 records), the chunks granted before it was reached (at
+        # most ``credit``), and what the gap buffer held when the gap was filled
+        held = len(tr.ready) + sum(len(m) for _f, _l, m, _b in tr._buf)
+        buf = min(tr.buffer_bytes_limit, tr.buffer_limit * per)
+        assert held * per <= tr.ready_bytes_limit + buf + tr.credit * cb + 6 * per
+        assert tr._buf_bytes <= tr.buffer_bytes_limit
         if tr.ready and rnd.random() < consume_p:
             for _ in range(rnd.randint(1, len(tr.ready))):
                 delivered.append(tr.ready.popleft())
