@@ -18,7 +18,10 @@ import argparse
 import base64
 import datetime as _dt
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any, Sequence
@@ -29,13 +32,18 @@ from orbcast.envelope import Error, Message, StatusRequest
 from orbcast.errors import OrbcastTimeout, RemoteProtocolError
 from orbcast.rpc import one_shot_link, request
 
+from .checkpoint import CheckpointStore
 from .client import Plant, Subscription, parse_start, parse_time
+from .tracker import Start
 
 __all__ = ["main", "format_message", "rfc3339"]
 
 #: Print replay progress to stderr at most this often, once a replay has
 #: been running at least this long.
 PROGRESS_EVERY_S = 1.0
+#: ``replay --follow --output FILE``: how often the file is fsynced (and only
+#: then the checkpoint may move past what it holds).
+ARCHIVE_SYNC_EVERY_S = 1.0
 
 
 def rfc3339(ns: int) -> str:
@@ -238,39 +246,117 @@ def _start_and_checkpoint(spec: str) -> tuple[Any, str | None]:
 
 
 def _emit(sub: Subscription, out: IO[str], fmt: str, count: int | None = None,
-          progress_total: int | None = None, *, raw: bool = False, notifier: Any = None) -> int:
-    """Write messages until the subscription ends (or ``count``). With a
-    systemd ``notifier`` the loop wakes at least once a second to ping the
-    watchdog even when no message arrives."""
+          progress_total: int | None = None, *, raw: bool = False, notifier: Any = None,
+          durable: bool = False, stop: threading.Event | None = None) -> int:
+    """Write messages until the subscription ends (or ``count``, or ``stop``).
+    With a systemd ``notifier`` or a ``stop`` event the loop wakes at least once
+    a second (to ping the watchdog, to notice the stop) even when no message
+    arrives. ``durable`` (an archive file; the subscription has ``auto_ack``
+    off): the file is fsynced every :data:`ARCHIVE_SYNC_EVERY_S` and at the end,
+    and only then is the position acknowledged, so the checkpoint never gets
+    ahead of what the file holds."""
     n = 0
     t0 = time.monotonic()
-    last = t0
-    while True:
-        if notifier is not None:
-            notifier.tick(time.monotonic(), status=f"archived {n} messages, at seq {sub.position or 0}")
-            try:
-                m = sub.get(timeout=1.0)
-            except OrbcastTimeout:
-                out.flush()
-                continue
-        else:
-            m = sub.get()
-        if m is None:
-            break
-        out.write(format_message(m, fmt, raw=raw))
-        out.write("\n")
-        n += 1
-        if count is not None and n >= count:
-            break
-        if progress_total is not None and n % 4096 == 0:
-            now = time.monotonic()
-            if now - last >= PROGRESS_EVERY_S:
-                last = now
-                print(f"replay: {n} records ({n / (now - t0):,.0f}/s), at seq {m.seq}"
-                      + (f" of {progress_total}" if progress_total else ""), file=sys.stderr)
-                out.flush()
-    out.flush()
+    last = last_sync = t0
+    unsynced: int | None = None              # seq of the last line written, not yet fsynced
+    wake = notifier is not None or stop is not None
+
+    def sync() -> None:
+        nonlocal unsynced, last_sync
+        out.flush()
+        if durable and unsynced is not None:
+            os.fsync(out.fileno())
+            sub.ack(unsynced)
+            unsynced = None
+        last_sync = time.monotonic()
+
+    try:
+        while stop is None or not stop.is_set():
+            if notifier is not None:
+                notifier.tick(time.monotonic(),
+                              status=f"archived {n} messages, at seq {sub.position or 0}")
+            if wake:
+                try:
+                    m = sub.get(timeout=1.0)
+                except OrbcastTimeout:
+                    sync()
+                    continue
+            else:
+                m = sub.get()
+            if m is None:
+                break
+            out.write(format_message(m, fmt, raw=raw))
+            out.write("\n")
+            n += 1
+            if durable:
+                unsynced = m.seq
+                if time.monotonic() - last_sync >= ARCHIVE_SYNC_EVERY_S:
+                    sync()
+            if count is not None and n >= count:
+                break
+            if progress_total is not None and n % 4096 == 0:
+                now = time.monotonic()
+                if now - last >= PROGRESS_EVERY_S:
+                    last = now
+                    print(f"replay: {n} records ({n / (now - t0):,.0f}/s), at seq {m.seq}"
+                          + (f" of {progress_total}" if progress_total else ""), file=sys.stderr)
+                    out.flush()
+    finally:
+        sync()
     return n
+
+
+def archive_resume(path: str, fmt: str) -> int | None:
+    """The seq of the last complete line of archive file ``path`` (None if it
+    is empty or absent), after cutting away a torn last line (a crash or power
+    cut in the middle of a write). ``replay --follow --output`` resumes after
+    it: the file, not the checkpoint, says what it holds, so a restart at any
+    moment leaves no gap and no duplicate.
+
+    Raises ValueError if the last line is not a record of format ``fmt``."""
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return None
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return None
+        f.seek(end - 1)
+        if f.read(1) != b"\n":
+            cut = _rfind_newline(f, end) + 1
+            f.truncate(cut)
+            f.flush()
+            os.fsync(f.fileno())
+            print(f"replay: {path}: cut a torn last line ({end - cut} bytes) left by a crash",
+                  file=sys.stderr)
+            end = cut
+            if end == 0:
+                return None
+        start = _rfind_newline(f, end - 1) + 1
+        f.seek(start)
+        line = f.read(end - 1 - start).decode("utf-8", "replace")
+    try:
+        seq = json.loads(line)["seq"] if fmt == "jsonl" else int(line.split(None, 1)[0])
+        if type(seq) is not int or seq < 1:
+            raise ValueError
+    except (ValueError, KeyError, TypeError, IndexError):
+        raise ValueError(f"{path}: its last line is not a {fmt} record ({line[:80]!r}); "
+                         "move the file aside or use the format it was written in") from None
+    return seq
+
+
+def _rfind_newline(f: Any, before: int, block: int = 65536) -> int:
+    """Offset of the last b"\\n" in ``f`` before offset ``before``, or -1."""
+    pos = before
+    while pos > 0:
+        lo = max(0, pos - block)
+        f.seek(lo)
+        i = f.read(pos - lo).rfind(b"\n")
+        if i >= 0:
+            return lo + i
+        pos = lo
+    return -1
 
 
 def _tail(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
@@ -287,14 +373,30 @@ def _tail(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
 def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
     since = parse_time(a.since) if a.since else None
     until = parse_time(a.until) if a.until else None
+    if a.follow and (a.to_seq is not None or until is not None):
+        raise ValueError("--follow cannot be combined with --to or --until")
+    archive = bool(a.follow and a.output)
+    in_file = archive_resume(a.output, a.format) if archive else None
     out: IO[str] = open(a.output, "a" if a.follow else "w", encoding="utf-8") if a.output else sys.stdout
+    stop: threading.Event | None = None
+    old_term: Any = None
+    if a.follow:
+        # SIGTERM (systemctl stop / restart) ends the loop; the file is then
+        # fsynced and the checkpoint saved (they were lost or got apart before)
+        stop = threading.Event()
+        old_term = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         with Plant(cfg, client="plant-cli") as p:
             if a.follow:
-                if a.to_seq is not None or until is not None:
-                    raise ValueError("--follow cannot be combined with --to or --until")
                 start = parse_start(a.since) if a.since else parse_start(max(a.from_seq, 1))
-                sub = p.subscribe(a.topic, start=start, checkpoint=a.checkpoint)
+                if in_file is not None:
+                    # the file says what it holds: resume right after its last line
+                    # (a checkpoint may lag it by a second, or be gone)
+                    start = Start.at_seq(in_file + 1)
+                    if a.checkpoint:
+                        CheckpointStore(Path(cfg.data) / "checkpoints").save(a.checkpoint, in_file)
+                sub = p.subscribe(a.topic, start=start, checkpoint=a.checkpoint,
+                                  auto_ack=not archive)
                 total = None
             else:
                 sub = p.replay(a.from_seq, a.to_seq, since=since, until=until, topic=a.topic,
@@ -306,7 +408,8 @@ def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
                 notifier = Notifier.from_env()
                 notifier.ready(f"archiving from seq {sub.tracker.next_seq or 'now'}")
             try:
-                n = _emit(sub, out, a.format, progress_total=total or 0, raw=a.raw, notifier=notifier)
+                n = _emit(sub, out, a.format, progress_total=total or 0, raw=a.raw, notifier=notifier,
+                          durable=archive, stop=stop)
             finally:
                 sub.close()
             lost = sub.tracker.lost_to_retention
@@ -318,12 +421,13 @@ def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return 0
 
 
 def _status(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
     from sequencer.cli import print_status
-    from .checkpoint import CheckpointStore
     info: dict[str, Any] = {}
     for ep in cfg.sequencers:
         try:
