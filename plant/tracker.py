@@ -356,7 +356,9 @@ class Tracker:
                 "gaps": self.gaps, "repaired": self.repaired, "buffer_hwm": self.buffer_hwm,
                 "dropped_live": self.dropped_live, "replays": self.replays,
                 "replay_retries": self.retries, "lost_to_retention": self.lost_to_retention,
-                "ready": len(self.ready), "ready_bytes": self._ready_bytes}
+                "ready": len(self.ready),
+                # as the engine last reckoned it (any thread may call stats())
+                "ready_bytes": self._ready_bytes if self.ready else 0}
 
     def ready_bytes(self) -> int:
         """Bytes held by :attr:`ready` (as reckoned: see the module doc); the
