@@ -132,6 +132,10 @@ class Tracker:
         self.resume_seq = 0
         self.next_seq: int | None = start.value if start.kind == "seq" else None
         self._since: int | None = start.value if start.kind == "time" else None
+        #: A start by time delivers nothing stamped before it, also after the node
+        #: resolved it to a seq (records sequenced since may be stamped earlier when
+        #: the time is ahead of the node's clock); cleared by the first one at or after.
+        self._min_time: int | None = self._since or None
         self.known_tail = 0                   # highest seq known to exist
         #: For a start by time: the seq the node resolved it to.
         self.resolved_start: int | None = None
@@ -408,6 +412,11 @@ class Tracker:
         to = self.to_seq
         ready = self.ready
         n = len(msgs)
+        if self._min_time is not None and msgs:
+            kept = self._not_before(msgs)
+            if len(kept) != n:
+                nbytes = nbytes * len(kept) // n
+                msgs, n = kept, len(kept)
         if not prefix and to is None:
             # the common case (everything, unbounded): skip what we have, take the rest
             if msgs and msgs[0].seq >= from_seq:
@@ -435,6 +444,16 @@ class Tracker:
         if k:
             self._count(last, nbytes * k // n + k * MSG_OVERHEAD)
         return k
+
+    def _not_before(self, msgs: list[Message]) -> list[Message]:
+        """``msgs`` without those stamped before the start time (the start by time
+        of a subscription); from the first one at or after it, everything."""
+        t = self._min_time
+        for i, m in enumerate(msgs):
+            if m.time >= t:
+                self._min_time = None
+                return msgs[i:]
+        return []
 
     def _count(self, last_seq: int, b: int) -> None:
         self._groups.append((last_seq, b))

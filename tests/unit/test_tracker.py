@@ -461,13 +461,13 @@ def test_late_start_at_a_seq_from_a_heartbeat() -> None:
 
 @pytest.mark.parametrize("chunk_end", [30, 32])
 def test_late_start_by_time(chunk_end: int) -> None:
-    tr = tracker(start=Start.at_time(1_767_225_600_000_000_000), prefix="")
+    tr = tracker(start=Start.at_time(11_500), prefix="")
     tr.tick(0.0)
     # credit 1: the first chunk names the start, nothing may overtake it
-    assert tr.actions() == [ReplayRequest(rid=1, from_seq=1, since=1_767_225_600_000_000_000, credit=1)]
+    assert tr.actions() == [ReplayRequest(rid=1, from_seq=1, since=11_500, credit=1)]
     batch(tr, 30, 31, now=0.1)                           # buffered while the node resolves
     assert tr.resolved_start is None and seqs(tr) == []
-    chunk(tr, 1, 12, 20, now=0.2)                        # the node's answer: seq 12
+    chunk(tr, 1, 12, 20, now=0.2)                        # the node's answer: seq 12 (stamped 12,000)
     assert tr.resolved_start == 12 and tr.next_seq == 20
     assert tr.actions() == [Credit(rid=1, credit=4)]     # now the full pipeline
     chunk(tr, 1, 20, chunk_end, done=True, now=0.3)
@@ -492,13 +492,20 @@ def test_start_by_time_survives_a_lost_first_chunk() -> None:
 
 
 def test_start_by_time_after_everything() -> None:
-    tr = tracker(start=Start.at_time(2**63 - 1))
+    """A start time ahead of the node's clock: what is sequenced meanwhile is
+    stamped before it and is not delivered (seq by seq the tracker still follows
+    the stream); from the first record at or after the time, everything is."""
+    tr = tracker(start=Start.at_time(60_000))            # msg(s) is stamped 1000 * s
     tr.tick(0.0)
     (r,) = tr.actions()
     chunk(tr, r.rid, 51, 51, done=True, records=[])      # empty: nothing that late yet
     assert tr.resolved_start == 51
     batch(tr, 51, 52)
-    assert seqs(tr) == [51, 52] and tr.actions() == []
+    assert seqs(tr) == [] and tr.next_seq == 53 and tr.actions() == []
+    tr.on_batch(53, 62, msgs(53, 62), 0.1, nbytes=1000)
+    assert seqs(tr) == list(range(60, 63)) and tr.ready_bytes() == 300 + 3 * MSG_OVERHEAD
+    batch(tr, 63, 63)
+    assert seqs(tr) == list(range(60, 64))
 
 
 @pytest.mark.parametrize("make", [lambda: Start.at_seq(0), lambda: Start.at_seq(2**63),
