@@ -6,7 +6,9 @@ Threads and who does what:
   due, retries failed devices, and feeds the systemd watchdog; it sleeps
   until the next deadline. A sensor read that hangs (a wedged 1-wire bus)
   hangs this loop on purpose: the watchdog pings stop and systemd restarts
-  the bridge.
+  the bridge. It also watches the plant: once the plant's engine has
+  stopped (its outbox cannot be written) :meth:`Bridge.run` raises, the
+  pings stop and ``firmware-bridge run`` exits 1, so systemd restarts it.
 * gpiozero's threads call the event devices' callbacks, which only queue a
   publish (:meth:`plant.Plant.publish_nowait` never blocks on the network).
 * one subscription thread per followed topic applies canonical messages to
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -35,7 +38,7 @@ from typing import Any
 
 from orbcast import envelope as env
 from orbcast.envelope import Message
-from orbcast.errors import ClosedError, OrbcastError
+from orbcast.errors import BrokenError, ClosedError, OrbcastError
 from orbcast.messages import (
     Health,
     MessageError,
@@ -57,7 +60,8 @@ from .devices import (
     read_value,
     to_output_value,
 )
-from .serial_link import HELLO, PUB, SET, Record, SerialLink
+from .ratelimit import LogLimiter, more
+from .serial_link import HELLO, MAX_BODY, PUB, SET, Record, SerialLink, encode_frame
 
 __all__ = ["STATE_FILE", "STATUS_EVERY_S", "Bridge"]
 
@@ -120,7 +124,8 @@ class Bridge:
         self.outputs = [_Output(s) for s in cfg.outputs]
         self.links: dict[str, SerialLink] = {}
         self.counters = {"readings": 0, "publish_failures": 0, "sensor_failures": 0,
-                         "bad_commands": 0, "outputs_applied": 0, "serial_rejected": 0}
+                         "bad_commands": 0, "outputs_applied": 0, "serial_rejected": 0,
+                         "serial_unframable": 0}
         self.last_seq = 0
         self.plant: Plant | None = None
         self._subs: list[Subscription] = []
@@ -130,6 +135,8 @@ class Bridge:
         self._state_path = Path(cfg.plant.data) / STATE_FILE
         self._positions: dict[str, int] = {}
         self._values: dict[str, tuple[int, Value]] = {}
+        self._limiter = LogLimiter()
+        self._limiter_lock = threading.Lock()   # gpiozero, engine and link threads all log
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -147,10 +154,22 @@ class Bridge:
             self._start_link(s)
 
     def run(self) -> None:
-        """The main loop; returns after :meth:`stop`. Sends READY=1 first."""
+        """The main loop; returns after :meth:`stop`. Sends READY=1 first.
+
+        Raises :class:`BrokenError` (``__cause__`` = the engine's error) if
+        the plant's engine stops: no reading could be accepted any more, so
+        the bridge stops feeding the watchdog and leaves, and systemd
+        (``Restart=on-failure``) starts it again with a fresh plant.
+        """
         n = self.notifier
         n.ready(self.status_text())
         while not self._stop.is_set():
+            dead = self._plant_error()
+            if dead is not None:
+                log.error("the plant's engine stopped (%s): no reading can be published; "
+                          "exiting so that systemd restarts the bridge", dead)
+                n.status(f"failed: the plant's engine stopped: {dead}")
+                raise BrokenError(f"the plant's engine stopped: {dead}") from dead
             now = time.monotonic()
             nxt = self._turn(now)
             now = time.monotonic()
@@ -161,6 +180,21 @@ class Bridge:
     def stop(self) -> None:
         """Ask :meth:`run` to return (thread- and signal-safe)."""
         self._stop.set()
+
+    def _plant_error(self) -> BaseException | None:
+        """Why the plant's engine stopped, or None while it runs."""
+        p = self.plant
+        if p is None or self._closing:
+            return None
+        return p.engine_error
+
+    def _warn_limited(self, kind: str, msg: str, *args: Any) -> None:
+        """``log.warning`` at most once a second per ``kind`` (the line says
+        how many were not logged)."""
+        with self._limiter_lock:
+            ok, held = self._limiter.allow(kind, time.monotonic())
+        if ok:
+            log.warning(msg + "%s", *args, more(held))
 
     def close(self) -> None:
         """Stop links and subscriptions, close devices and the plant (the
@@ -296,7 +330,7 @@ class Bridge:
             t = self.plant.publish_nowait(topic, payload)
         except (ClosedError, OrbcastError) as exc:
             self.counters["publish_failures"] += 1
-            log.warning("publish on %s failed: %s", topic, exc)
+            self._warn_limited("publish", "publish on %s failed: %s", topic, exc)
             return
         t.add_done_callback(self._on_acked)
 
@@ -304,7 +338,7 @@ class Bridge:
         exc = fut.exception()
         if exc is not None:
             self.counters["publish_failures"] += 1
-            log.warning("a reading was not accepted: %s", exc)
+            self._warn_limited("not-accepted", "a reading was not accepted: %s", exc)
             return
         seq = fut.result()
         self.last_seq = max(self.last_seq, seq)
@@ -347,7 +381,13 @@ class Bridge:
         self.counters["outputs_applied"] += 1
 
     def _follow(self) -> None:
-        """One subscription per followed topic (outputs) or prefix (serial forwards)."""
+        """One subscription per followed topic (outputs) or prefix (serial forwards).
+
+        A topic can be followed by several of them (an output's topic inside
+        a ``forward`` prefix, overlapping prefixes): the ``out:`` one drives
+        the outputs, and each link gets a message from exactly one ``serial:``
+        one (:meth:`_forwarded_by`), so nothing is applied or sent twice.
+        """
         if self.plant is None:
             raise ClosedError("start() the bridge first")
         keys: dict[str, tuple[str, bool]] = {}
@@ -366,36 +406,68 @@ class Bridge:
     def _on_canonical(self, key: str, prefix: str, exact: bool, m: Message) -> None:
         if exact and m.topic != prefix:
             return
+        links = [] if exact else [s for s in self.cfg.serial if self._forwarded_by(s, m.topic) == prefix]
+        frame: bytes | None = None
         with self._lock:
             if m.seq <= self._positions.get(key, 0):
                 return                      # already applied before a restart
+            self._positions[key] = m.seq
             try:
                 value = command_value(m.payload)
             except MessageError as exc:
                 self.counters["bad_commands"] += 1
-                log.warning("seq %d on %s is not a usable value: %s", m.seq, m.topic, exc)
-                self._positions[key] = m.seq
+                self._warn_limited("bad-command", "seq %d on %s is not a usable value: %s",
+                                   m.seq, m.topic, exc)
                 return
-            self._positions[key] = m.seq
-            self._values[m.topic] = (m.seq, value)
-            for o in self.outputs:
-                if o.spec.topic == m.topic:
+            driven = [o for o in self.outputs if o.spec.topic == m.topic]
+            if links:
+                frame = self._set_frame(m.topic, value)
+                if frame is None:
+                    # refused for the serial side only: not saved (a resend
+                    # would fail on it too), not sent; outputs still follow it
+                    self.counters["serial_unframable"] += 1
+                    self._warn_limited("unframable", "seq %d on %s: not forwarded to serial %s: a SET "
+                                       "of this value does not fit in a %d-byte frame body",
+                                       m.seq, m.topic, ", ".join(s.name for s in links), MAX_BODY)
+            if frame is not None or driven:
+                old = self._values.get(m.topic)
+                if old is None or old[0] < m.seq:     # a lagging subscription never moves it back
+                    self._values[m.topic] = (m.seq, value)
+            if exact:
+                for o in driven:
                     self._apply(o, value, m.seq)
             self._save_state()
-        for s in self.cfg.serial:
-            if any(m.topic.startswith(f) for f in s.forward):
-                link = self.links.get(s.name)
-                if link is not None:
-                    link.send(Record(kind=SET, topic=m.topic, value=value))
+        if frame is None:
+            return
+        for s in links:
+            link = self.links.get(s.name)
+            if link is not None:
+                link.send_frame(frame)
+
+    @staticmethod
+    def _forwarded_by(s: SerialSpec, topic: str) -> str | None:
+        """The one ``forward`` prefix of ``s`` whose subscription sends ``topic`` to it."""
+        return next((f for f in s.forward if topic.startswith(f)), None)
+
+    @staticmethod
+    def _set_frame(topic: str, value: Value) -> bytes | None:
+        """The SET frame for ``topic`` = ``value``, or None if it cannot be framed."""
+        try:
+            return encode_frame(Record(kind=SET, topic=topic, value=value))
+        except ValueError:
+            return None
 
     def _load_state(self) -> None:
         try:
-            doc = json.loads(self._state_path.read_text())
-            self._positions = {str(k): int(v) for k, v in doc["positions"].items()}
-            self._values = {str(k): (int(v[0]), v[1]) for k, v in doc["values"].items()}
+            text = self._state_path.read_text()
         except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            return
+        except (OSError, ValueError) as exc:     # ValueError: not UTF-8
+            log.warning("ignoring unreadable %s: %s", self._state_path, exc)
+            return
+        try:
+            self._positions, self._values = _parse_state(json.loads(text))
+        except (ValueError, TypeError) as exc:
             # a damaged state file only costs a replay from the start of today
             log.warning("ignoring unreadable %s: %s", self._state_path, exc)
             self._positions, self._values = {}, {}
@@ -424,11 +496,25 @@ class Bridge:
         link = self.links.get(s.name)
         if link is None:
             return
+        frames: list[bytes] = []
         with self._lock:
-            items = [(t, v) for t, (_seq, v) in sorted(self._values.items(), key=lambda kv: kv[1][0])
-                     if any(t.startswith(f) for f in s.forward)]
-        for topic, value in items:
-            link.send(Record(kind=SET, topic=topic, value=value))
+            for t, (seq, v) in sorted(self._values.items(), key=lambda kv: kv[1][0]):
+                if not any(t.startswith(f) for f in s.forward):
+                    continue
+                frame = self._set_frame(t, v)
+                if frame is None:
+                    # saved by an older bridge, or for an output: the firmware cannot get it
+                    self.counters["serial_unframable"] += 1
+                    self._warn_limited("unframable", "seq %d on %s: not resent to serial %s: a SET of "
+                                       "this value does not fit in a %d-byte frame body",
+                                       seq, t, s.name, MAX_BODY)
+                    if not any(o.spec.topic == t for o in self.outputs):
+                        del self._values[t]
+                        self._save_state()
+                    continue
+                frames.append(frame)
+        for frame in frames:
+            link.send_frame(frame)
 
     def _on_serial(self, s: SerialSpec, r: Record) -> None:
         if r.kind == HELLO:
@@ -452,3 +538,28 @@ class Bridge:
         self._publish(topic, encode_reading(Reading(device=s.name, value=r.value, unit=r.unit or "",
                                                     time=self.clock())))
         self.counters["readings"] += 1
+
+
+def _parse_state(doc: Any) -> tuple[dict[str, int], dict[str, tuple[int, Value]]]:
+    """The state file's ``{"positions": {key: seq}, "values": {topic: [seq,
+    value]}}`` -> (positions, values). Raises ``ValueError`` / ``TypeError`` on any other
+    shape (a file from elsewhere, or damaged in a way that is still JSON)."""
+    if not isinstance(doc, dict):
+        raise TypeError(f"expected a JSON object, got {type(doc).__name__}")
+    pos, vals = doc.get("positions"), doc.get("values")
+    if not isinstance(pos, dict) or not isinstance(vals, dict):
+        raise TypeError("'positions' and 'values' must be JSON objects")
+    positions: dict[str, int] = {}
+    for k, v in pos.items():
+        if type(v) is not int or v < 0:
+            raise ValueError(f"position of {k!r} is not a seq: {v!r}")
+        positions[k] = v
+    values: dict[str, tuple[int, Value]] = {}
+    for k, v in vals.items():
+        if not (isinstance(v, list) and len(v) == 2 and type(v[0]) is int and v[0] >= 0):
+            raise ValueError(f"value of {k!r} is not [seq, value]: {v!r}")
+        x = v[1]
+        if not (x is None or isinstance(x, (bool, int, str)) or (isinstance(x, float) and math.isfinite(x))):
+            raise ValueError(f"value of {k!r} is not a bool, number, text or null: {x!r}")
+        values[k] = (v[0], x)
+    return positions, values

@@ -61,6 +61,7 @@ from orbcast.errors import ConfigError
 
 __all__ = [
     "DEVICE_TYPES",
+    "FLOATING",
     "INPUT_TYPES",
     "OUTPUT_TYPES",
     "BridgeConfig",
@@ -83,7 +84,13 @@ DEFAULT_CPU_TEMP_FILE = "/sys/class/thermal/thermal_zone0/temp"
 
 # option tables: name -> (type, default). ``REQ`` marks a required option.
 REQ = object()
-_PULL = {"pull_up": (bool, None), "bounce_time": (float, None)}
+#: ``pull_up = "floating"``: no internal pull resistor (gpiozero's
+#: ``pull_up=None``, which TOML cannot write). The input is then driven by
+#: the circuit alone and gpiozero needs ``active_state`` to know which level
+#: means pressed; with a pull-up or pull-down it follows from the pull.
+FLOATING = "floating"
+_PULL_OR_FLOATING = object()        # option type: true, false or "floating"
+_PULL = {"pull_up": (_PULL_OR_FLOATING, None), "bounce_time": (float, None)}
 _SMOOTH = {"queue_len": (int, None), "sample_rate": (float, None), "threshold": (float, None)}
 _SAMPLED = {"interval": (float, 1.0), "delta": (float, None), "max_silence": (float, None)}
 _OUT = {"pin": (object, REQ), "active_high": (bool, True)}
@@ -366,6 +373,8 @@ class _Checker:
                 self.pins[pin] = (name, key_line(self.text, kind, i, k))
         if typ == "MCP3008" and not 0 <= values["channel"] <= 7:
             raise self.fail("channel must be 0-7", kind, i, "channel")
+        if "active_state" in opts:
+            self._check_pull(typ, values, kind, i)
         if typ == "PWMLED" and not 0.0 <= values["initial_value"] <= 1.0:
             raise self.fail("initial_value must be in [0, 1]", kind, i, "initial_value")
         sampled = {k: values.pop(k) for k in ("interval", "delta", "max_silence") if k in values}
@@ -387,6 +396,11 @@ class _Checker:
                           line=line, **sampled)
 
     def _value(self, v: Any, typ: Any, table: str, i: int | None, k: str) -> Any:
+        if typ is _PULL_OR_FLOATING:
+            if isinstance(v, bool) or v == FLOATING:
+                return v
+            raise self.fail(f'{k} must be true, false or "{FLOATING}" (no pull resistor), got {v!r}',
+                            table, i, k)
         if typ is object:            # a pin: int (BCM number) or a gpiozero pin name
             if isinstance(v, bool) or not isinstance(v, (int, str)):
                 raise self.fail(f"{k} must be a GPIO number or a pin name like 'GPIO17'", table, i, k)
@@ -401,6 +415,19 @@ class _Checker:
         if typ is int and v < 0:
             raise self.fail(f"{k} must be >= 0", table, i, k)
         return v
+
+    def _check_pull(self, typ: str, values: dict[str, Any], kind: str, i: int) -> None:
+        """gpiozero takes ``active_state`` only with no pull resistor, and
+        needs it then: refuse the combinations it would refuse at open."""
+        pull, active = values.get("pull_up"), values.get("active_state")
+        if pull == FLOATING and active is None:
+            raise self.fail(f'pull_up = "{FLOATING}" needs active_state: true if the input reads '
+                            f"high when active (wired to 3.3 V), false if low", kind, i, "pull_up")
+        if active is not None and pull != FLOATING:
+            how = "omitted (a pull-up)" if pull is None else f"{str(pull).lower()}"
+            raise self.fail(f'active_state is only used with pull_up = "{FLOATING}" (no pull '
+                            f"resistor); pull_up is {how}, which already sets the active state "
+                            f"(pull-up: active low, pull-down: active high)", kind, i, "active_state")
 
     def _serial(self, i: int, t: Any) -> SerialSpec:
         if not isinstance(t, dict):

@@ -21,7 +21,7 @@ from typing import Any
 
 from orbcast.messages import MessageError, Value
 
-from .config import DeviceSpec
+from .config import FLOATING, DeviceSpec
 
 __all__ = [
     "DS18B20",
@@ -93,7 +93,12 @@ def parse_w1_slave(text: str) -> float:
 
 
 def _kw(spec: DeviceSpec, *names: str) -> dict[str, Any]:
-    return {n: spec.options[n] for n in names if spec.options.get(n) is not None}
+    """The options gpiozero gets: unset ones left to its defaults, and
+    ``pull_up = "floating"`` passed as the ``pull_up=None`` it means."""
+    kw = {n: spec.options[n] for n in names if spec.options.get(n) is not None}
+    if kw.get("pull_up") == FLOATING:
+        kw["pull_up"] = None
+    return kw
 
 
 def open_device(spec: DeviceSpec, *, pin_factory: Any = None, w1_path: str = "/sys/bus/w1/devices") -> Any:

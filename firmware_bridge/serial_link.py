@@ -50,6 +50,7 @@ import logging
 import math
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ from typing import Any
 import cbor2
 
 from orbcast.messages import MAX_UNIT_CHARS, Value
+
+from .ratelimit import LogLimiter, more
 
 __all__ = [
     "HELLO",
@@ -94,6 +97,11 @@ RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 2.0
 #: Read timeout of the port: how often the link thread looks at its stop flag.
 READ_TIMEOUT_S = 0.1
+#: A port that keeps failing to open with the same error is logged again
+#: this often (a new error is logged at once): an unplugged board retried
+#: every 2 s for a week must not fill the journal, but the log must still
+#: say that it is missing.
+OPEN_ERROR_REPEAT_S = 300.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,7 +177,8 @@ def cobs_decode(data: bytes) -> bytes:
 
 def encode_frame(rec: Record) -> bytes:
     """``Record`` -> wire bytes, delimiter included. Raises ``ValueError``
-    if the body exceeds :data:`MAX_BODY`."""
+    if the body exceeds :data:`MAX_BODY` (a text value over ~230
+    characters, or a topic over ~250 bytes): such a record cannot be sent."""
     items: list[Any] = [rec.kind, rec.topic, rec.value]
     if rec.unit is not None:
         items.append(rec.unit)
@@ -254,6 +263,10 @@ class SerialLink:
     returns False while the port is closed (the caller keeps the state to
     resend on connect). ``counters``: frames_in, frames_out, dropped,
     bad_crc, reconnects, open_failures.
+
+    Logging is paced: dropped frames at most one line a second (with the
+    number not logged); open failures when the error changes, else every
+    :data:`OPEN_ERROR_REPEAT_S`. The counters count every event.
     """
 
     def __init__(self, name: str, url: str, *, baudrate: int = 115200,
@@ -276,6 +289,10 @@ class SerialLink:
         self._wlock = threading.Lock()
         self._port: Any = None
         self._opened_once = False
+        self._limiter = LogLimiter()            # link thread only
+        self._open_error: str | None = None     # last open error logged, None after a connect
+        self._open_logged_at = 0.0
+        self._open_held = 0
         self._thread = threading.Thread(target=self._run, name=f"orbcast-serial-{name}", daemon=True)
 
     def start(self) -> None:
@@ -288,8 +305,13 @@ class SerialLink:
         self._close()
 
     def send(self, rec: Record) -> bool:
-        """Write one record now; False if the port is not open or the write failed."""
-        frame = encode_frame(rec)
+        """Write one record now; False if the port is not open or the write
+        failed. Raises ``ValueError`` (from :func:`encode_frame`) if the
+        record cannot be framed; nothing is written then."""
+        return self.send_frame(encode_frame(rec))
+
+    def send_frame(self, frame: bytes) -> bool:
+        """Write one frame made by :func:`encode_frame`; as :meth:`send`."""
         with self._wlock:
             port = self._port
             if port is None:
@@ -338,7 +360,10 @@ class SerialLink:
                     self.counters["dropped"] += 1
                     if ev.reason == "crc":
                         self.counters["bad_crc"] += 1
-                    log.warning("serial %s: dropped a frame (%s)", self.name, ev.reason)
+                    ok, held = self._limiter.allow("dropped", time.monotonic())
+                    if ok:
+                        log.warning("serial %s: dropped a frame (%s)%s; %d dropped in all",
+                                    self.name, ev.reason, more(held), self.counters["dropped"])
                     continue
                 self.counters["frames_in"] += 1
                 try:
@@ -352,9 +377,10 @@ class SerialLink:
                                                timeout=READ_TIMEOUT_S, write_timeout=1.0)
         except (OSError, self._serial.SerialException, ValueError) as exc:
             self.counters["open_failures"] += 1
-            if self.counters["open_failures"] == 1 or self.connected.is_set():
-                log.warning("serial %s: cannot open %s: %s (retrying)", self.name, self.url, exc)
+            self._open_failed(str(exc), time.monotonic())
             return False
+        self._open_error = None          # the next failure is news again
+        self._open_held = 0
         with self._wlock:
             self._port = port
         if self._opened_once:
@@ -363,6 +389,18 @@ class SerialLink:
         log.info("serial %s: connected to %s", self.name, self.url)
         self.connected.set()
         return True
+
+    def _open_failed(self, error: str, now: float) -> None:
+        """Log an open failure if the error changed (ENOENT -> EACCES after a
+        udev rule ran, say) or :data:`OPEN_ERROR_REPEAT_S` passed."""
+        if error != self._open_error or now - self._open_logged_at >= OPEN_ERROR_REPEAT_S:
+            log.warning("serial %s: cannot open %s: %s (retrying%s)", self.name, self.url, error,
+                        f"; failed {self._open_held} more times meanwhile" if self._open_held else "")
+            self._open_error = error
+            self._open_logged_at = now
+            self._open_held = 0
+        else:
+            self._open_held += 1
 
     def _break(self) -> None:
         self.connected.clear()

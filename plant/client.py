@@ -575,6 +575,16 @@ class Plant:
                 self._cond.wait(0.05)
 
     @property
+    def engine_error(self) -> BaseException | None:
+        """Why this plant's engine stopped (a failed outbox fsync, ...), or None
+        while it runs (or after a normal :meth:`close`). Once it has stopped,
+        every call raises :class:`ClosedError` from it: a long-running program
+        should exit and be restarted (its outbox keeps what was accepted)."""
+        if self._engine_error is None and not self._closed and not self._engine.is_alive():
+            return ClosedError("the plant's engine thread is gone")
+        return self._engine_error
+
+    @property
     def outbox_depth(self) -> int:
         """Messages accepted and not yet acked (including queued ones)."""
         return self._out_box.count + len(self._submit) + len(self._blocked)

@@ -8,6 +8,8 @@ run time is reported on the health topic and retried while the others go on.
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 from gpiozero.pins.mock import MockChargingPin, MockFactory, MockPWMPin, MockTriggerPin
 
 from firmware_bridge import Bridge, loads
+from firmware_bridge.bridge import STATE_FILE
 from firmware_bridge.testing import MockMCP3008, SequencerProcess, wait_for
 from orbcast.messages import Reading, decode_payload, decode_reading, encode_set
 from plant.client import Plant
@@ -108,6 +111,22 @@ def test_button(h: Harness) -> None:
     f.pin(17).drive_high()
     r = next_reading(sub)
     assert r.value is False and r.time > first.time
+
+
+def test_button_without_pull_resistor_uses_active_state(h: Harness) -> None:
+    """``pull_up = "floating"`` (gpiozero's pull_up=None, which TOML cannot
+    write) with ``active_state = true``: a button wired to 3.3 V with an
+    external pull-down; high = pressed."""
+    f = MockFactory()
+    _, sub = h.consumer("sensors/btn/")
+    b = h.bridge('[[input]]\ntype = "Button"\npin = 17\ntopic = "sensors/btn/door"\n'
+                 'pull_up = "floating"\nactive_state = true\n', f)
+    assert next_reading(sub).value is False
+    assert b.inputs[0].dev is not None and b.inputs[0].dev.pull_up is None
+    f.pin(17).drive_high()
+    assert next_reading(sub).value is True
+    f.pin(17).drive_low()
+    assert next_reading(sub).value is False
 
 
 def test_motion_sensor(h: Harness) -> None:
@@ -256,3 +275,28 @@ def test_outputs_follow_canonical_messages_and_restart_restores(h: Harness) -> N
     h.bridge(OUTPUTS.format(p="o1"), f3, pid="other-pi")
     wait_for(lambda: pins(f3) == pins(f2), TIMEOUT, "the second Pi to agree")
     assert b2.counters["bad_commands"] == 0     # "banana" was before its restored position
+
+
+@pytest.mark.parametrize("doc,led", [({"version": 1, "positions": [], "values": {}}, "led1"),
+                                     ({"version": 1, "positions": {}, "values": []}, "led2")],
+                         ids=["positions-list", "values-list"])
+def test_a_state_file_of_the_wrong_shape_is_ignored(h: Harness, doc: Any, led: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Valid JSON of the wrong shape costs a replay from the start of today,
+    like a file that is not JSON, instead of a crash at every start."""
+    data = h.tmp / f"br-{h.uid}"
+    data.mkdir()
+    (data / STATE_FILE).write_text(json.dumps(doc))
+    f = MockFactory()
+    b = h.bridge(f'[[output]]\ntype = "LED"\npin = 18\ntopic = "act/shape/{led}"\n', f)
+    assert any("ignoring unreadable" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING)
+    pub, _ = h.consumer("nothing/", name="pub")
+    pub.publish(f"act/shape/{led}", encode_set(True), timeout=TIMEOUT)
+    wait_for(lambda: bool(f.pin(18).state), TIMEOUT, "the LED to follow its topic")
+
+    def saved() -> bool:
+        vals = json.loads((data / STATE_FILE).read_text())["values"]
+        return isinstance(vals, dict) and vals.get(f"act/shape/{led}", [0, None])[1] is True
+    wait_for(saved, TIMEOUT, "the state file rewritten")
+    assert b.counters["outputs_applied"] == 1

@@ -7,6 +7,8 @@ device that vanishes.) The bridge runs in-process against a real sequencer.
 
 from __future__ import annotations
 
+import json
+import logging
 import socket
 import threading
 import time
@@ -16,7 +18,8 @@ from pathlib import Path
 import pytest
 from gpiozero.pins.mock import MockFactory
 
-from firmware_bridge import Bridge, loads
+from firmware_bridge import Bridge, SerialLink, loads
+from firmware_bridge.bridge import STATE_FILE
 from firmware_bridge.serial_link import (
     HELLO,
     PUB,
@@ -95,7 +98,16 @@ class FakeFirmware:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[tuple[Bridge, FakeFirmware, Plant]]:
+def rig(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Bridge, FakeFirmware, Plant]]:
+    """A bridge with one serial link. Parametrized indirectly with
+    ``{"extra": TOML, "state": DOC}`` it gets more config tables and a state
+    file written before it starts."""
+    opts = getattr(request, "param", {})
+    extra = opts.get("extra", "")
+    state = opts.get("state")
+    if state is not None:
+        (tmp_path / "br").mkdir()
+        (tmp_path / "br" / STATE_FILE).write_text(json.dumps(state))
     seq = SequencerProcess(tmp_path / "seq").start()
     fw = FakeFirmware(free_port())
     cfg = loads(f'''
@@ -111,6 +123,7 @@ name = "esp32"
 url = "socket://127.0.0.1:{fw.port}"
 topic_prefix = "sensors/esp32/"
 forward = ["actuators/esp32/"]
+{extra}
 ''', environ={})
     b = Bridge(cfg, pin_factory=MockFactory())
     p = Plant(sequencers=[seq.ingress], producer_id="serial-cons", data=str(tmp_path / "c"),
@@ -181,3 +194,110 @@ def test_frames_both_ways_corruption_and_reconnect(rig: tuple[Bridge, FakeFirmwa
     assert m.topic == "sensors/esp32/temp" and decode_reading(m.payload).value == 22.0
     assert b.counters["serial_rejected"] == 1
     assert isinstance(FrameDecoder().feed(b"\x05\x00")[0], Dropped)
+
+
+def frames_until(fw: FakeFirmware, topic: str) -> list[Record]:
+    """Every record the firmware gets up to and including the first on ``topic``."""
+    got = [fw.recv_record()]
+    while got[-1].topic != topic:
+        got.append(fw.recv_record())
+    return got
+
+
+def test_a_command_too_long_to_frame_is_refused_and_forwarding_goes_on(
+        rig: tuple[Bridge, FakeFirmware, Plant], caplog: pytest.LogCaptureFixture) -> None:
+    """A valid command whose SET does not fit a frame (text over ~230 chars)
+    is refused for the link, logged and counted, and not saved; the next
+    commands still reach the firmware, and so does a resend after HELLO."""
+    b, fw, p = rig
+    fw.accept()
+    wait_for(b.links["esp32"].connected.is_set, TIMEOUT, "link connected")
+    p.publish("actuators/esp32/fan", encode_set(True), timeout=TIMEOUT)
+    assert fw.recv_record() == Record(kind=SET, topic="actuators/esp32/fan", value=True)
+    p.publish("actuators/esp32/msg", encode_set("x" * 250), timeout=TIMEOUT)
+    p.publish("actuators/esp32/fan", encode_set(False), timeout=TIMEOUT)
+    # (before: the subscription died on the ValueError and this never came)
+    assert fw.recv_record() == Record(kind=SET, topic="actuators/esp32/fan", value=False)
+    assert b.counters["serial_unframable"] == 1
+    assert any("actuators/esp32/msg" in r.getMessage() and "does not fit" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.WARNING)
+    saved = json.loads((Path(b.cfg.plant.data) / STATE_FILE).read_text())
+    assert set(saved["values"]) == {"actuators/esp32/fan"}
+    fw.send(encode_frame(Record(kind=HELLO, topic="esp32-fw", value="1.0")))
+    assert fw.recv_record() == Record(kind=SET, topic="actuators/esp32/fan", value=False)
+
+
+@pytest.mark.parametrize("rig", [{"state": {"version": 1, "positions": {},
+                                            "values": {"actuators/esp32/msg": [1, "x" * 250],
+                                                       "actuators/esp32/fan": [2, True]}}}],
+                         indirect=True, ids=["poisoned-state"])
+def test_a_saved_value_that_cannot_be_framed_does_not_stop_the_resend(
+        rig: tuple[Bridge, FakeFirmware, Plant]) -> None:
+    """A state file holding an unframable value (written by an older bridge):
+    the resend on connect skips and drops it and sends the SETs after it."""
+    b, fw, _p = rig
+    fw.accept()
+    assert fw.recv_record() == Record(kind=SET, topic="actuators/esp32/fan", value=True)
+    assert b.counters["serial_unframable"] == 1
+    wait_for(lambda: "actuators/esp32/msg" not in
+             json.loads((Path(b.cfg.plant.data) / STATE_FILE).read_text())["values"],
+             TIMEOUT, "the unframable value dropped from the state file")
+
+
+@pytest.mark.parametrize("rig", [{"extra": '[[output]]\ntype = "LED"\npin = 22\ntopic = "actuators/esp32/led"\n'}],
+                         indirect=True, ids=["led-output"])
+def test_an_output_topic_inside_forward_is_sent_and_applied_once(
+        rig: tuple[Bridge, FakeFirmware, Plant]) -> None:
+    """A topic that drives an [[output]] and is inside ``forward`` has two
+    subscriptions; the firmware still gets each SET once, the output is set once."""
+    b, fw, p = rig
+    fw.accept()
+    link = b.links["esp32"]
+    wait_for(link.connected.is_set, TIMEOUT, "link connected")
+    p.publish("actuators/esp32/led", encode_set(True), timeout=TIMEOUT)
+    wait_for(lambda: b.outputs[0].dev is not None and b.outputs[0].dev.value == 1, TIMEOUT, "the LED on")
+    wait_for(lambda: link.counters["frames_out"] >= 1, TIMEOUT, "the SET sent")
+    p.publish("actuators/esp32/fan", encode_set(True), timeout=TIMEOUT)     # a marker after it
+    got = frames_until(fw, "actuators/esp32/fan")
+    assert got == [Record(kind=SET, topic="actuators/esp32/led", value=True),
+                   Record(kind=SET, topic="actuators/esp32/fan", value=True)]
+    assert b.counters["outputs_applied"] == 1
+
+
+def test_line_noise_is_logged_at_most_once_a_second_and_all_counted(
+        rig: tuple[Bridge, FakeFirmware, Plant], caplog: pytest.LogCaptureFixture) -> None:
+    b, fw, p = rig
+    link = b.links["esp32"]
+    fw.accept()
+    wait_for(link.connected.is_set, TIMEOUT, "link connected")
+    sub = p.subscribe("sensors/esp32/", start=1)
+    bad = bytearray(cobs_decode(encode_frame(Record(kind=PUB, topic="temp", value=1.0))[:-1]))
+    bad[-1] ^= 0xFF
+    noise = (cobs_encode(bytes(bad)) + b"\x00") * 50 + b"\x07garbage\x00" * 50
+    fw.send(noise + encode_frame(Record(kind=PUB, topic="temp", value=2.0)))
+    m = sub.get(TIMEOUT)
+    assert m is not None and decode_reading(m.payload).value == 2.0
+    assert link.counters["dropped"] == 100 and link.counters["bad_crc"] == 50
+    lines = [r for r in caplog.records if r.name == "orbcast.bridge.serial" and "dropped" in r.getMessage()]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]    # (before: 100)
+
+
+def test_open_failures_are_logged_again_when_the_error_changes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A port missing at boot (ENOENT) that then fails differently (EACCES
+    once udev made it, here EISDIR) is logged again; the same error is not."""
+    caplog.set_level(logging.WARNING, "orbcast.bridge.serial")
+    dev = tmp_path / "ttyACM0"
+    link = SerialLink("esp32", str(dev), on_record=lambda r: None)
+    link.start()
+    try:
+        def opened() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "cannot open" in r.getMessage()]
+        wait_for(lambda: link.counters["open_failures"] >= 3, TIMEOUT, "three failed opens")
+        assert len(opened()) == 1 and "No such file" in opened()[0]
+        n = link.counters["open_failures"]
+        dev.mkdir()
+        wait_for(lambda: link.counters["open_failures"] >= n + 2, TIMEOUT, "more failed opens")
+        assert len(opened()) == 2 and "Is a directory" in opened()[1], opened()
+    finally:
+        link.stop()

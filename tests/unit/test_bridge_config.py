@@ -144,3 +144,44 @@ def test_mcp3008_unit_follows_what_it_publishes():
                           [(0, "true", ""), (1, "false", ""), (2, "true", 'unit = "mV"\n')])
     units = [d.unit for d in loads(text, environ={}).inputs if d.type == "MCP3008"]
     assert units == ["V", "", "mV"]
+
+
+BUTTON = BASE.replace("bounce_time = 0.05", "bounce_time = 0.05\n{extra}")
+
+
+@pytest.mark.parametrize("extra,pull,active", [
+    ('pull_up = "floating"\nactive_state = true', "floating", True),
+    ('pull_up = "floating"\nactive_state = false', "floating", False),
+])
+def test_button_pull_and_active_state_that_gpiozero_accepts(extra, pull, active):
+    opts = loads(BUTTON.format(extra=extra), environ={}).inputs[0].options
+    assert (opts["pull_up"], opts["active_state"]) == (pull, active)
+
+
+@pytest.mark.parametrize("extra,needle,words", [
+    # gpiozero takes active_state only with no pull resistor (pull_up=None)
+    ("active_state = true", "active_state", 'only used with pull_up = "floating"'),
+    ("pull_up = true\nactive_state = false", "active_state", 'only used with pull_up = "floating"'),
+    ("pull_up = false\nactive_state = true", "active_state", 'only used with pull_up = "floating"'),
+    # ... and needs it then
+    ('pull_up = "floating"', "pull_up", "needs active_state"),
+    ('pull_up = "none"\nactive_state = true', "pull_up", 'true, false or "floating"'),
+])
+def test_button_pull_and_active_state_gpiozero_would_refuse(extra, needle, words):
+    text = BUTTON.format(extra=extra)
+    e = refused(text)
+    assert words in str(e)
+    assert e.line == line_of(text, needle)
+
+
+def test_a_floating_button_opens_on_gpiozero():
+    """What ``check`` accepts, gpiozero opens (it refused active_state before)."""
+    from gpiozero.pins.mock import MockFactory
+
+    from firmware_bridge.devices import open_device
+    spec = loads(BUTTON.format(extra='pull_up = "floating"\nactive_state = true'), environ={}).inputs[0]
+    dev = open_device(spec, pin_factory=MockFactory())
+    try:
+        assert dev.pull_up is None and dev.is_active is False
+    finally:
+        dev.close()
