@@ -551,6 +551,11 @@ class Plant:
             env.check_topic(topic)
             if len(payload) > env.MAX_PAYLOAD_BYTES:
                 env.check_payload(payload)        # raises
+        box = self._out_box
+        if len(payload) + 4 * len(topic) > box.max_bytes and box.cost(topic, payload) > box.max_bytes:
+            raise LocalProtocolError(
+                f"a message of {box.cost(topic, payload)} bytes can never fit the outbox, bounded "
+                f"by {box.max_bytes} bytes (plant outbox_max_bytes)")
         t = Ticket(topic, payload, self._cond)
         submit = self._submit
         if len(submit) >= MAX_SUBMIT_QUEUE:
@@ -568,11 +573,15 @@ class Plant:
         Raises :class:`OrbcastTimeout` (the rest stays in the outbox)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._submit or self._blocked or self._accepting or self._out_box.count:
+            while not self._settled():
                 self._check_open()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise OrbcastTimeout(f"{self.outbox_depth} messages not yet acked")
                 self._cond.wait(0.05)
+
+    def _settled(self) -> bool:
+        """Nothing accepted is waiting for its ack, nor on its way into the outbox."""
+        return not (self._submit or self._blocked or self._accepting or self._out_box.count)
 
     @property
     def engine_error(self) -> BaseException | None:
@@ -883,6 +892,8 @@ class Plant:
         if (self._submit and not self._blocked
                 and (self.on_full != "block" or box.count < box.max_count)) or self._cmds:
             return now
+        if self._blocked and self._blocked_fits():
+            return now                        # acks made room (handled after we accepted)
         if self._unsent and len(self._inflight) < MAX_INFLIGHT_FRAMES and now >= self._resend_at:
             if self._link is None or self._link.can_seal:
                 return now
@@ -1011,9 +1022,8 @@ class Plant:
         box = self._out_box
         blocked = self._blocked
         if blocked:
-            if box.count >= box.max_count or box.size + box.cost(*blocked[0].item) > box.max_bytes:
-                if box.count:
-                    return                     # acks will make room
+            if not self._blocked_fits():
+                return                         # acks will make room
             self._submit.extendleft(reversed(blocked))
             blocked.clear()
         if not self._submit:
@@ -1041,9 +1051,11 @@ class Plant:
             # and go on (the next batch is tried afresh, and works once there is room)
             self.counters["outbox_write_failed"] += len(batch)
             log.warning("%s", exc)
+            self._accepting = False
             self._refuse(batch, exc)
             return
         except LocalProtocolError as exc:    # not for want of room: these cannot be kept
+            self._accepting = False
             self._refuse(batch, exc)
             return
         except BaseException:
@@ -1073,16 +1085,15 @@ class Plant:
         fits: list[Ticket] = []
         never: list[Ticket] = []
         rest: list[Ticket] = []
-        for i, t in enumerate(batch):
+        for t in batch:
             c = cost(*t.item)
             if c > box.max_bytes:
-                never.append(t)
-            elif len(fits) < room_n and c <= room_b:
+                never.append(t)                # at once, wherever it is in the batch
+            elif not rest and len(fits) < room_n and c <= room_b:
                 fits.append(t)
                 room_b -= c
             else:
-                rest = batch[i:]
-                break
+                rest.append(t)                 # and everything after it, in order
         if never:
             self._refuse(never, LocalProtocolError(
                 f"a message of {cost(*never[0].item)} bytes can never fit the outbox, bounded "
@@ -1092,15 +1103,22 @@ class Plant:
                 self._blocked.extend(rest)
             else:
                 self._refuse(rest, OutboxFull(box.count, box.size, box.max_count, box.max_bytes))
-        self._accepting = True                # _refuse cleared it: fits are still on their way
         return fits
 
+    def _blocked_fits(self) -> bool:
+        """The first blocked submission fits the outbox now (or never will,
+        so it is to be refused now)."""
+        box = self._out_box
+        c = box.cost(*self._blocked[0].item)
+        return (box.count < box.max_count and box.size + c <= box.max_bytes) or c > box.max_bytes
+
     def _refuse(self, batch: list[Ticket], exc: BaseException) -> None:
-        """None of ``batch`` was accepted: each ticket fails with ``exc``."""
+        """None of ``batch`` was accepted: each ticket fails with ``exc``.
+        (``_accepting`` is the caller's: the rest of its batch may still be
+        on its way into the outbox, which flush() must wait for.)"""
         for t in batch:
             t.error = exc
             t._finish()
-        self._accepting = False
         with self._cond:
             self._cond.notify_all()
 

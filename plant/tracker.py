@@ -515,8 +515,10 @@ class Tracker:
             if to < self.next_seq:
                 return
             self.gaps += 1
+            # as much credit as the ready queue has room for (at least 1: it is not full)
             req = ReplayRequest(rid=self._new_rid(), from_seq=self.next_seq, to_seq=to,
-                                topic=self.prefix, credit=self.credit,
+                                topic=self.prefix,
+                                credit=max(1, min(self.credit, self._chunk_room())),
                                 max_records=self.chunk_records)
         self.replays += 1
         self._rid = req.rid
@@ -525,16 +527,26 @@ class Tracker:
         self._deadline = now + self.request_timeout
         self._out.append(req)
 
+    def _chunk_room(self) -> int:
+        """How many more chunks the ready queue has room for, counting those
+        granted and not yet received (each may bring ``chunk_records`` messages
+        and ``chunk_bytes`` bytes)."""
+        by_count = (self.ready_limit - len(self.ready)) // self.chunk_records
+        by_bytes = (self.ready_bytes_limit - self.ready_bytes()) // self.chunk_bytes
+        return min(by_count, by_bytes) - max(self._outstanding, 0)
+
     def _grant(self, n: int) -> None:
+        """Grant ``n`` more chunks, as many as there is room for; owe the rest
+        (granted by :meth:`consumed` once the application has made room)."""
         if self._rid is None:
             return
-        if (len(self.ready) + self.chunk_records > self.ready_limit
-                or self.ready_bytes() + self.chunk_bytes > self.ready_bytes_limit):
-            self._owed += n
+        k = max(0, min(n, self._chunk_room()))
+        if k:
+            self._outstanding += k
+            self._out.append(Credit(rid=self._rid, credit=k))
+        if k < n:
+            self._owed += n - k
             self.resume_seq = self._resume_point()
-            return
-        self._outstanding += n
-        self._out.append(Credit(rid=self._rid, credit=n))
 
     def _reset_replay(self, now: float, *, cancel: bool) -> None:
         if cancel and self._rid is not None:

@@ -243,9 +243,11 @@ def test_a_burst_larger_than_the_outbox_is_published_whole_when_publishers_block
 
 
 def test_a_burst_larger_than_the_outbox_fails_only_what_does_not_fit(
-        tmp_path: Path, node_factory) -> None:
+        tmp_path: Path, node_factory, monkeypatch: pytest.MonkeyPatch) -> None:
     """``on_full="error"``: of a burst over the outbox's byte bound, what fits is
-    kept and sequenced, the rest fails with OutboxFull, and the plant goes on."""
+    kept and sequenced, the rest fails with OutboxFull, and the plant goes on.
+    While the rest is refused, what fits is still on its way into the outbox:
+    flush() must not count the plant as settled then (it returned early)."""
     from orbcast.config import PlantConfig
     from orbcast.errors import OutboxFull
     from plant.client import Plant
@@ -254,6 +256,14 @@ def test_a_burst_larger_than_the_outbox_fails_only_what_does_not_fit(
     cfg = PlantConfig(sequencers=[node.ingress], producer_id="burst", data=str(tmp_path / "pl"),
                       outbox_max_bytes=1 << 20)
     kept: list[tuple[int, int]] = []
+    settled_at_refusal: list[bool] = []
+    refuse = Plant._refuse
+
+    def watched(self: Plant, batch: list, exc: BaseException) -> None:
+        refuse(self, batch, exc)
+        settled_at_refusal.append(self._settled())      # what flush() would see now
+
+    monkeypatch.setattr(Plant, "_refuse", watched)
     with Plant(cfg, outbox=True, on_full="error") as p:
         tickets = [p.publish_nowait("t/big", b"%04d" % i + b"x" * (size - 4)) for i in range(n)]
         for i, t in enumerate(tickets):
@@ -262,6 +272,7 @@ def test_a_burst_larger_than_the_outbox_fails_only_what_does_not_fit(
             except OutboxFull:
                 pass
         assert kept and kept == sorted(kept)
+        assert not any(settled_at_refusal), settled_at_refusal
         last = p.publish("t/small", b"after", timeout=30)    # the engine went on
     assert last == len(kept) + 1
     node.stop()
@@ -284,10 +295,9 @@ def test_a_message_larger_than_the_outbox_fails_alone(
                       outbox_max_bytes=1024)
     with Plant(cfg, outbox=True, on_full=on_full) as p:
         a = p.publish_nowait("t/a", b"small 1")
-        big = p.publish_nowait("t/a", b"x" * 2000)
-        b = p.publish_nowait("t/a", b"small 2")
         with pytest.raises(LocalProtocolError, match="can never fit the outbox"):
-            big.result(30)
+            p.publish_nowait("t/a", b"x" * 2000)
+        b = p.publish_nowait("t/a", b"small 2")
         assert (a.result(30), b.result(30)) == (1, 2)
     node.stop()
     assert [(s, ps) for s, _p, ps in node.records()] == [(1, 1), (2, 2)]

@@ -289,21 +289,44 @@ def test_a_chunk_with_records_outside_its_range_is_rejected_and_changes_nothing(
 # --- flow control -------------------------------------------------------------------------
 
 def test_credit_is_withheld_while_ready_is_full_and_granted_by_consumed() -> None:
+    """Credit only for chunks the ready queue can hold, counting those granted
+    and not yet received."""
     tr = tracker(start=Start.at_seq(1), credit=2, chunk_records=10, ready_limit=25)
     tr.on_heartbeat(100, 0.0)
-    assert tr.actions() == [req(1, 1, 100, credit=2, max_records=10)]
+    assert tr.actions() == [req(1, 1, 100, credit=2, max_records=10)]   # 2 x 10 <= 25
     chunk(tr, 1, 1, 11)
-    assert tr.actions() == [Credit(rid=1, credit=1)]     # 10 + 10 <= 25
+    assert tr.actions() == []           # 10 held + 10 on the way + 10 > 25: withheld
     chunk(tr, 1, 11, 21)
     assert tr.actions() == []                            # 20 + 10 > 25: withheld
     tr.consumed(0.1)
     assert tr.actions() == []                            # still 20 >= 25 // 2
     for _ in range(9):
         tr.ready.popleft()
-    tr.consumed(0.2)                                     # 11 < 12
-    assert tr.actions() == [Credit(rid=1, credit=1)]
+    tr.consumed(0.2)                                     # 11 < 12: room for one chunk
+    assert tr.actions() == [Credit(rid=1, credit=1)] and tr._owed == 1
     chunk(tr, 1, 21, 31)
     assert seqs(tr) == list(range(10, 31))
+
+
+def test_credit_never_lets_the_chunks_on_their_way_overflow_the_byte_bound() -> None:
+    """A large replay credit (replay_credit may be 64) is cut to what the ready
+    queue's byte bound has room for: the queue holds at most its bound plus one
+    chunk, however much credit is configured (it used to take credit x chunk)."""
+    body = 2 * BIG - 2 * MSG_OVERHEAD                     # two big() messages a chunk
+    tr = tracker(start=Start.at_seq(1), credit=64, chunk_records=2, ready_bytes=10 * BIG,
+                 chunk_body_bytes=body)
+    tr.on_heartbeat(1000, 0.0)
+    (r,) = tr.actions()
+    assert r.credit == 5                                  # 5 chunks of 2 x BIG fill 10 x BIG
+    s = 1
+    for _ in range(5):                                    # the node sends what it may
+        tr.on_chunk(1, s, s + 2, 1000, False, big(s, s + 1), 0.1)
+        s += 2
+    assert tr.actions() == [] and len(tr.ready) == 10 and tr._outstanding == 0
+    for _ in range(6):
+        tr.ready.popleft()
+    tr.consumed(0.2)                                      # 4 x BIG <= half: room for 3 chunks
+    assert tr.actions() == [Credit(rid=1, credit=3)]
 
 
 def test_a_replay_paused_by_a_full_ready_queue_does_not_time_out() -> None:
@@ -337,7 +360,7 @@ def test_live_batches_are_dropped_while_ready_is_full_then_replayed() -> None:
     assert tr.actions() == [] and tr.deadline() is None   # no replay into a full queue
     tr.ready.clear()
     tr.consumed(0.5)
-    assert tr.actions() == [req(1, 6, 8)]
+    assert tr.actions() == [req(1, 6, 8, credit=1)]      # no room for a whole chunk: one
     chunk(tr, 1, 6, 9, done=True)
     assert seqs(tr) == [6, 7, 8]
 
@@ -364,7 +387,7 @@ def test_live_batches_are_dropped_while_ready_is_full_in_bytes_then_replayed() -
     tr.ready.popleft()                                   # the application takes one
     assert tr.ready_bytes() == 2 * BIG                   # seq 1's bytes are forgotten
     tr.consumed(0.2)
-    assert tr.actions() == [req(1, 4, 5)]
+    assert tr.actions() == [req(1, 4, 5, credit=1)]
     tr.on_chunk(1, 4, 6, 5, True, big(4, 5), 0.3)
     assert seqs(tr) == [2, 3, 4, 5] and tr.ready_bytes() == 4 * BIG
     tr.ready.clear()
@@ -778,11 +801,12 @@ def simulate(seed: int, gate: bool = False) -> dict[str, Any]:
                 tr.on_error(*args, now)
         tr.tick(now)
         # the byte bounds hold: the gap buffer's, and the ready queue's but for one
-        # live batch (at most 6 records), the chunks granted before it was reached (at
-        # most ``credit``), and what the gap buffer held when the gap was filled
+        # live batch (at most 6 records), one chunk (a request gets credit 1 even
+        # when less than a chunk is free), and what the gap buffer held when the
+        # gap was filled
         held = len(tr.ready) + sum(len(m) for _f, _l, m, _b in tr._buf)
         buf = min(tr.buffer_bytes_limit, tr.buffer_limit * per)
-        assert held * per <= tr.ready_bytes_limit + buf + tr.credit * cb + 6 * per
+        assert held * per <= tr.ready_bytes_limit + buf + cb + 6 * per
         assert tr._buf_bytes <= tr.buffer_bytes_limit
         if tr.ready and rnd.random() < consume_p:
             for _ in range(rnd.randint(1, len(tr.ready))):
