@@ -9,8 +9,12 @@ overrides (command-line flags). The file itself may be named by
 
 Every value is validated when the object is built; a bad value raises
 :class:`~orbcast.errors.ConfigError` naming the field and where it came
-from. Unknown keys in the file are refused too (a typo should not silently
-fall back to a default).
+from. Unknown keys are refused too (a typo should not silently fall back
+to a default), and so are unknown top-level sections of the file (only
+:data:`KNOWN_SECTIONS`: a ``[plants]`` typo would otherwise leave every
+plant setting at its default). A value from the file must already have the
+field's TOML type (``fsync = "yes"`` or ``outbox_max_count = "10"`` are
+refused); environment variables are text and are converted.
 """
 
 from __future__ import annotations
@@ -27,9 +31,19 @@ from typing import Any, Mapping, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["SequencerConfig", "PlantConfig", "load", "endpoint_host", "is_loopback_endpoint"]
+__all__ = ["SequencerConfig", "PlantConfig", "load", "endpoint_host", "is_loopback_endpoint",
+           "KNOWN_SECTIONS"]
 
 T = TypeVar("T")
+
+#: Top-level sections a config file may have. ``sequencer`` and ``plant`` are
+#: read here; ``bridge``, ``input``, ``output`` and ``serial`` belong to the
+#: firmware bridge, whose one file also holds the ``[plant]`` section its plant
+#: (and ``plant status --config`` on it) reads. Anything else is a typo.
+KNOWN_SECTIONS = frozenset({"sequencer", "plant", "bridge", "input", "output", "serial"})
+#: Producer ids that cannot be a file name: the outbox and the link session of a
+#: plant live in ``<data>/outbox/<producer_id>`` and ``<data>/links/<producer_id>``.
+_NOT_A_FILE_NAME = frozenset({".", ".."})
 
 
 def endpoint_host(ep: str) -> str:
@@ -269,6 +283,11 @@ class PlantConfig:
             check_producer_id(self.producer_id)
         except ValueError as exc:
             raise ConfigError(str(exc), field="plant.producer_id") from None
+        if (self.producer_id in _NOT_A_FILE_NAME
+                or any(c in self.producer_id for c in ("/", "\\", "\0"))):
+            raise ConfigError(f"producer_id {self.producer_id!r} cannot be used as a file name "
+                              "(it names this plant's outbox directory): no '/', '\\', NUL, "
+                              "and not '.' or '..'", field="plant.producer_id")
         _check_range(self, "request_timeout_ms", 10, 600_000)
         _check_range(self, "outbox_max_count", 1, 10_000_000)
         _check_range(self, "outbox_max_bytes", 1024, 1 << 40)
@@ -317,10 +336,32 @@ def _check_range(obj: Any, name: str, lo: int, hi: int) -> None:
                           field=f"{_section(type(obj))}.{name}")
 
 
-def _coerce(value: Any, ftype: Any, fname: str, source: str) -> Any:
-    """Coerce a TOML or environment value to the field's type."""
+_TOML_TYPES = {"bool": "a boolean (true or false)", "int": "an integer", "float": "a number",
+               "str": "a string", "list[str]": "a list of strings"}
+
+
+def _check_toml_type(value: Any, t: str) -> None:
+    """Raise ValueError unless a TOML ``value`` already has type ``t``: a file
+    says what it means (``fsync = "yes"`` is refused, ``fsync = true`` taken)."""
+    ok = {"bool": lambda v: isinstance(v, bool),
+          "int": lambda v: type(v) is int,
+          "float": lambda v: type(v) in (int, float),
+          "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+          }.get(t, lambda v: isinstance(v, str))
+    if not ok(value):
+        shown = f"{value!r:.60}" if not isinstance(value, (dict, list)) else type(value).__name__
+        hint = f' (write ["{value}"])' if t == "list[str]" and isinstance(value, str) else ""
+        raise ValueError(f"must be {_TOML_TYPES.get(t, 'a string')}, got {shown}{hint}")
+
+
+def _coerce(value: Any, ftype: Any, fname: str, source: str, *, from_file: bool = False) -> Any:
+    """Coerce a TOML or environment value to the field's type. A TOML value
+    (``from_file``) must have the field's type already; environment values are
+    text and are converted."""
     t = ftype if isinstance(ftype, str) else getattr(ftype, "__name__", str(ftype))
     try:
+        if from_file:
+            _check_toml_type(value, t)
         if t == "bool":
             if isinstance(value, bool):
                 return value
@@ -356,7 +397,8 @@ def load(cls: type[T], path: str | os.PathLike[str] | None = None, *,
     """Build a ``cls`` (:class:`SequencerConfig` or :class:`PlantConfig`).
 
     ``path`` (or ``$ORBCAST_CONFIG``) is a TOML file; only its section for
-    ``cls`` is read. ``overrides`` (None values ignored) win over everything.
+    ``cls`` is read, but every top-level section must be one of
+    :data:`KNOWN_SECTIONS`. ``overrides`` (None values ignored) win over everything.
     Raises :class:`ConfigError` for unreadable files, unknown keys and bad values.
     """
     env = os.environ if env is None else env
@@ -373,13 +415,17 @@ def load(cls: type[T], path: str | os.PathLike[str] | None = None, *,
             raise ConfigError(f"cannot read config file: {exc.strerror}", source=str(path)) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"invalid TOML: {exc}", source=str(path)) from None
+        for name in doc:
+            if name not in KNOWN_SECTIONS:
+                raise ConfigError(f"unknown section [{name}] (known: "
+                                  f"{', '.join(sorted(KNOWN_SECTIONS))})", source=str(path))
         sect = doc.get(section, {})
         if not isinstance(sect, dict):
             raise ConfigError(f"[{section}] must be a table", source=str(path))
         for k, v in sect.items():
             if k not in fields:
                 raise ConfigError(f"unknown setting {k!r}", field=f"{section}.{k}", source=str(path))
-            values[k] = _coerce(v, fields[k].type, f"{section}.{k}", str(path))
+            values[k] = _coerce(v, fields[k].type, f"{section}.{k}", str(path), from_file=True)
             sources[k] = str(path)
     prefix = f"ORBCAST_{section.upper()}_"
     for var, v in env.items():

@@ -42,7 +42,8 @@ def test_defaults_are_valid_and_loopback() -> None:
 
 
 def test_an_empty_file_gives_the_defaults(tmp_path: Path) -> None:
-    path = write(tmp_path, "# nothing\n[other]\nx = 1\n")
+    # the bridge's own sections are another program's business (checked by its loader)
+    path = write(tmp_path, "# nothing\n[bridge]\nx = 1\n")
     assert load(SequencerConfig, path, env={}, overrides={"node_id": "n"}) == SequencerConfig(node_id="n")
 
 
@@ -419,3 +420,90 @@ def test_the_plant_memory_bounds_in_bytes_are_configurable_and_checked() -> None
         with pytest.raises(ConfigError) as e:
             PlantConfig(**{name: bad})
         assert e.value.field == f"plant.{name}"
+
+
+# --- sections, TOML types, producer ids as file names ------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("cls", [PlantConfig, SequencerConfig])
+@pytest.mark.parametrize("section", ["plants", "Plant", "sequencers", "other"])
+def test_an_unknown_section_is_refused(tmp_path: Path, cls: type, section: str) -> None:
+    """A typo'd ``[plants]`` used to be skipped: every plant setting silently default."""
+    path = write(tmp_path, f'[{section}]\nproducer_id = "kitchen"\n')
+    with pytest.raises(ConfigError) as ei:
+        load(cls, path, env={})
+    assert f"unknown section [{section}]" in str(ei.value) and ei.value.source == str(path)
+
+
+def test_the_bridge_sections_of_a_shared_file_are_known_and_a_typo_beside_them_is_not(
+        tmp_path: Path) -> None:
+    """One file holds the bridge's [plant] and its own [bridge], [[input]], ...:
+    ``plant status --config /etc/orbcast/bridge.toml`` reads it (operations.md 2.4)."""
+    shipped = ROOT / "systemd" / "config" / "bridge.toml"
+    assert load(PlantConfig, shipped, env={}).data == "/var/lib/orbcast/bridge"
+    load(SequencerConfig, shipped, env={}, overrides={"node_id": "n"})
+    every = write(tmp_path, shipped.read_text() + '\n[[output]]\ntype = "LED"\npin = 5\n'
+                  'topic = "actuators/led"\n\n[[serial]]\nname = "esp"\nurl = "/dev/null"\n')
+    assert load(PlantConfig, every, env={}).data == "/var/lib/orbcast/bridge"
+    typo = write(tmp_path, shipped.read_text() + '\n[[inputs]]\ntype = "Button"\npin = 17\n',
+                 "typo.toml")
+    with pytest.raises(ConfigError, match=r"unknown section \[inputs\]"):
+        load(PlantConfig, typo, env={})
+
+
+@pytest.mark.parametrize("section,line,field,says", [
+    ("plant", 'outbox_max_count = "10"', "plant.outbox_max_count", "must be an integer"),
+    ("plant", 'fsync = "yes"', "plant.fsync", "must be a boolean"),
+    ("plant", "fsync = 1", "plant.fsync", "must be a boolean"),
+    ("plant", 'sequencers = "tcp://127.0.0.1:7400"', "plant.sequencers", "must be a list"),
+    ("plant", "producer_id = 5", "plant.producer_id", "must be a string"),
+    ("plant", "request_timeout_ms = 2000.0", "plant.request_timeout_ms", "must be an integer"),
+    ("plant", 'data = ["a"]', "plant.data", "must be a string"),
+    ("sequencer", 'heartbeat_ms = "100"', "sequencer.heartbeat_ms", "must be an integer"),
+    ("sequencer", 'require_standby = "false"', "sequencer.require_standby", "must be a boolean"),
+    ("sequencer", 'replay_idle_s = "30"', "sequencer.replay_idle_s", "must be a number"),
+    ("sequencer", "node_id = 7", "sequencer.node_id", "must be a string"),
+])
+def test_a_toml_value_of_the_wrong_type_is_refused(tmp_path: Path, section: str, line: str,
+                                                   field: str, says: str) -> None:
+    path = write(tmp_path, f"[{section}]\n{line}\n")
+    cls = PlantConfig if section == "plant" else SequencerConfig
+    with pytest.raises(ConfigError) as ei:
+        load(cls, path, env={})
+    assert ei.value.field == field and ei.value.source == str(path)
+    assert says in str(ei.value) and field in str(ei.value)
+
+
+def test_text_refused_in_the_file_is_still_converted_from_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "[sequencer]\nreplay_idle_s = 30\nfsync = false\n"
+                           "[plant]\noutbox_max_count = 10\nfsync = false\n")
+    assert load(SequencerConfig, path, env={}).replay_idle_s == 30      # an integer is a number
+    assert load(PlantConfig, path, env={}).outbox_max_count == 10
+    text = write(tmp_path, '[plant]\noutbox_max_count = "12"\nfsync = "yes"\n', "text.toml")
+    with pytest.raises(ConfigError):
+        load(PlantConfig, text, env={})
+    # environment variables are text: converted as before
+    p = load(PlantConfig, path, env={"ORBCAST_PLANT_OUTBOX_MAX_COUNT": "12",
+                                     "ORBCAST_PLANT_FSYNC": "yes"})
+    assert (p.outbox_max_count, p.fsync) == (12, True)
+
+
+@pytest.mark.parametrize("pid,similar", [("..", "..."), (".", ".hidden"), ("../../escape", "a..b"),
+                                         ("a/b", "a.b"), ("/abs", "abs"), ("a\\b", "a_b"),
+                                         ("..\\x", "x:y")])
+def test_a_producer_id_must_be_usable_as_one_file_name(tmp_path: Path, pid: str,
+                                                       similar: str) -> None:
+    """It names the outbox directory: ``..`` put outbox.dat in the data dir itself."""
+    assert PlantConfig(producer_id=similar).producer_id == similar
+    with pytest.raises(ConfigError) as ei:
+        PlantConfig(producer_id=pid)
+    assert ei.value.field == "plant.producer_id" and "file name" in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        load(PlantConfig, env={"ORBCAST_PLANT_PRODUCER_ID": pid})
+    assert ei.value.field == "plant.producer_id" and ei.value.source == "ORBCAST_PLANT_PRODUCER_ID"
+    path = write(tmp_path, f"[plant]\nproducer_id = '{pid}'\n")
+    with pytest.raises(ConfigError) as ei:
+        load(PlantConfig, path, env={})
+    assert ei.value.field == "plant.producer_id" and ei.value.source == str(path)
