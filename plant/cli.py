@@ -1,15 +1,20 @@
 """The ``plant`` command: publish, tail, replay, status.
 
     plant publish TOPIC [PAYLOAD] | --stdin   [--timeout S]
-    plant tail [--topic PREFIX] [--from now|today|SEQ|TIME|checkpoint:NAME]
-    plant replay --from SEQ [--to SEQ] [--since TIME] [--until TIME] [--topic PREFIX]
-                 [--format jsonl|text] [--output FILE] [--follow]
+    plant tail [--topic PREFIX] [--from now|today|SEQ|TIME|checkpoint:NAME] [--count N]
+    plant replay --from SEQ [--to SEQ] [--since TIME|today] [--until TIME|today] [--topic PREFIX]
+                 [--format jsonl|text] [--output FILE] [--follow [--checkpoint NAME]]
     plant status
     plant keys generate [--out DIR] | plant keys show [--key FILE]
 
 Every command but ``keys`` takes ``--sequencer EP`` (repeatable; a node's ingress
 endpoint), ``--config FILE`` and the ``ORBCAST_PLANT_*`` environment, like
 the library.
+
+``replay --output FILE`` (without ``--follow``) writes a temp file next to
+FILE and renames it over FILE only when the replay is complete: a failed
+replay leaves an existing FILE as it was. ``--follow --output`` appends (an
+archive; see :func:`archive_resume`).
 """
 
 from __future__ import annotations
@@ -20,20 +25,21 @@ import datetime as _dt
 import json
 import os
 import signal
+import stat
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any, Self, Sequence
 
 from orbcast import config as cfgmod
 from orbcast.cliutil import run_main, setup_logging
-from orbcast.envelope import Error, Message, StatusRequest
-from orbcast.errors import OrbcastTimeout, RemoteProtocolError
+from orbcast.envelope import MAX_PAYLOAD_BYTES, Error, Message, StatusRequest, check_topic
+from orbcast.errors import LocalProtocolError, OrbcastError, OrbcastTimeout, RemoteProtocolError
 from orbcast.rpc import one_shot_link, request
 
 from .checkpoint import CheckpointStore
-from .client import Plant, Subscription, parse_start, parse_time
+from .client import Plant, Subscription, parse_start, parse_time, start_of_day_ns
 from .tracker import Start
 
 __all__ = ["main", "format_message", "rfc3339"]
@@ -44,6 +50,14 @@ PROGRESS_EVERY_S = 1.0
 #: ``replay --follow --output FILE``: how often the file is fsynced (and only
 #: then the checkpoint may move past what it holds).
 ARCHIVE_SYNC_EVERY_S = 1.0
+#: A command that waits for a node (tail, publish, replay --follow) says so on
+#: stderr after this long without an answer, and keeps waiting (a node may be
+#: restarting): long enough not to fire during a failover or a node's start,
+#: short enough that a wrong endpoint does not look like a quiet stream.
+NO_ANSWER_NOTICE_S = 5.0
+#: ``publish --stdin`` reads a line at most this long (a payload and its newline);
+#: a longer line is refused without reading it whole into memory.
+MAX_STDIN_LINE = MAX_PAYLOAD_BYTES + 1
 
 
 def rfc3339(ns: int) -> str:
@@ -117,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--from", dest="start", default="now",
                       help="now, today, a SEQ, an RFC 3339 TIME, or checkpoint:NAME")
     tail.add_argument("--format", choices=("text", "jsonl"), default="text")
-    tail.add_argument("--count", type=int, default=None, help="exit after N messages")
+    tail.add_argument("--count", type=int, default=None, help="exit after N messages (N >= 1)")
     tail.add_argument("--raw", action="store_true",
                       help="show payloads as stored (base64 in jsonl), not decoded CBOR")
 
@@ -125,11 +139,14 @@ def _parser() -> argparse.ArgumentParser:
     _common(rep)
     rep.add_argument("--from", dest="from_seq", type=int, default=1, help="first seq (default 1)")
     rep.add_argument("--to", dest="to_seq", type=int, default=None, help="last seq (inclusive)")
-    rep.add_argument("--since", default=None, help="first record at or after this RFC 3339 time")
-    rep.add_argument("--until", default=None, help="stop before this RFC 3339 time")
+    rep.add_argument("--since", default=None,
+                     help="first record at or after this RFC 3339 time (or 'today': 00:00 UTC)")
+    rep.add_argument("--until", default=None,
+                     help="stop before this RFC 3339 time (or 'today': 00:00 UTC)")
     rep.add_argument("--topic", default="", help="topic prefix")
     rep.add_argument("--format", choices=("text", "jsonl"), default="jsonl")
-    rep.add_argument("--output", help="write to FILE instead of stdout")
+    rep.add_argument("--output", help="write to FILE instead of stdout (replaced only when the "
+                     "replay is complete; with --follow: appended to)")
     rep.add_argument("--follow", action="store_true",
                      help="after the replay continue with live messages (no seam)")
     rep.add_argument("--checkpoint", default=None,
@@ -209,22 +226,65 @@ def _dispatch(a: argparse.Namespace) -> int:
 def _publish(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
     if a.stdin == (a.payload is not None):
         raise ValueError("give a PAYLOAD or --stdin (one message per line), not both")
+    check_topic(a.topic)          # before any input is read: a bad topic is no line's fault
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
-    with Plant(cfg, client="plant-cli") as p:
+    with Plant(cfg, client="plant-cli") as p, _NoAnswerNotice(p, cfg.sequencers):
         if p.outbox_depth:
             print(f"resending {p.outbox_depth} messages left in the outbox by an earlier run",
                   file=sys.stderr)
-        lines = (ln.rstrip("\n") for ln in sys.stdin) if a.stdin else iter([a.payload])
-        tickets = []
-        for line in lines:
-            tickets.append(p.publish_nowait(a.topic, line.encode("utf-8")))
-            if len(tickets) >= 1024:   # print as we go for long inputs
-                _print_seqs(tickets[:512], deadline)
-                del tickets[:512]
-        _print_seqs(tickets, deadline)
+        if a.stdin:
+            _publish_lines(p, a.topic, sys.stdin.buffer, deadline)
+        else:
+            _print_seqs([p.publish_nowait(a.topic, a.payload.encode("utf-8"))], deadline)
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         p.flush(left)   # also the earlier runs' leftovers
     return 0
+
+
+class _LineRefused(Exception):
+    def __init__(self, lineno: int, why: str) -> None:
+        super().__init__(why)
+        self.lineno = lineno
+
+
+def _publish_lines(p: Plant, topic: str, src: IO[bytes], deadline: float | None) -> None:
+    """``publish --stdin``: one message per line (its bytes without the
+    newline), each seq printed in input order. A line that cannot be a message
+    (not UTF-8, longer than the payload limit) stops the input there: the seqs
+    of every line before it are printed, then a ValueError names the line and
+    says that it and the rest were not published."""
+    tickets = []
+    lineno = 0
+    try:
+        while True:
+            raw = src.readline(MAX_STDIN_LINE)
+            if not raw:
+                break
+            lineno += 1
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+            elif len(raw) == MAX_STDIN_LINE:
+                raise _LineRefused(lineno, f"longer than {MAX_PAYLOAD_BYTES} bytes, the payload limit")
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _LineRefused(lineno, f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at "
+                                           f"offset {exc.start})") from None
+            try:
+                tickets.append(p.publish_nowait(topic, raw))
+            except LocalProtocolError as exc:
+                raise _LineRefused(lineno, str(exc)) from None
+            if len(tickets) >= 1024:   # print as we go for long inputs
+                _print_seqs(tickets[:512], deadline)
+                del tickets[:512]
+    except _LineRefused as exc:
+        _print_seqs(tickets, deadline)      # what went before is published: say where
+        n = exc.lineno
+        rest = "nothing of the input was published" if n == 1 else (
+            f"lines 1-{n - 1} were published (their seqs are printed above); line {n} and "
+            "every line after it were not published")
+        raise ValueError(f"input line {n}: {exc}; {rest}") from None
+    _print_seqs(tickets, deadline)
 
 
 def _print_seqs(tickets: list, deadline: float | None) -> None:  # type: ignore[type-arg]
@@ -236,6 +296,50 @@ def _print_seqs(tickets: list, deadline: float | None) -> None:  # type: ignore[
             raise OrbcastTimeout("timed out waiting for acks; unacked messages stay in the "
                                  "outbox and are sent by the next run with this producer id") from None
     sys.stdout.flush()
+
+
+class _NoAnswerNotice:
+    """While a command waits on the nodes, ping the one the plant talks to;
+    after :data:`NO_ANSWER_NOTICE_S` without an answer say so on stderr, once
+    per silence (and once when a node answers again). The command itself keeps
+    waiting: a tail or an archive outlives a node's restart."""
+
+    def __init__(self, p: Plant, endpoints: Sequence[str]) -> None:
+        self._p = p
+        self._eps = ", ".join(endpoints)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="plant-cli-notice", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()       # the thread ends at its next ping's answer or timeout
+
+    def _say(self, text: str) -> None:
+        if not self._stop.is_set():
+            print(f"plant: {text}", file=sys.stderr, flush=True)
+
+    def _run(self) -> None:
+        answered = silent = False
+        while not self._stop.is_set():
+            try:
+                self._p.ping(timeout=NO_ANSWER_NOTICE_S)
+            except OrbcastTimeout:
+                if not silent:
+                    silent = True
+                    self._say(f"no answer from {self._eps} "
+                              + (f"for {NO_ANSWER_NOTICE_S:g} s" if answered else "yet")
+                              + "; still trying (is a node running there, and is that its "
+                                "ingress endpoint?)")
+                continue
+            except (OrbcastError, RuntimeError):
+                return                  # the plant was closed: the command is over
+            if silent:
+                self._say("a node answers now")
+            answered, silent = True, False
+            self._stop.wait(NO_ANSWER_NOTICE_S)
 
 
 def _start_and_checkpoint(spec: str) -> tuple[Any, str | None]:
@@ -360,8 +464,10 @@ def _rfind_newline(f: Any, before: int, block: int = 65536) -> int:
 
 
 def _tail(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
+    if a.count is not None and a.count < 1:
+        raise ValueError(f"--count must be at least 1, got {a.count}")
     start, cp = _start_and_checkpoint(a.start)
-    with Plant(cfg, client="plant-cli") as p:
+    with Plant(cfg, client="plant-cli") as p, _NoAnswerNotice(p, cfg.sequencers):
         sub = p.subscribe(a.topic, start=start, checkpoint=cp)
         try:
             _emit(sub, sys.stdout, a.format, a.count, raw=a.raw)
@@ -370,14 +476,117 @@ def _tail(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
     return 0
 
 
-def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
-    since = parse_time(a.since) if a.since else None
-    until = parse_time(a.until) if a.until else None
+def _option_time(option: str, value: str | None) -> int | None:
+    """``--since`` / ``--until``: an RFC 3339 time or ``today`` -> ns (None if absent)."""
+    if value is None:
+        return None
+    if value.strip() == "today":
+        return start_of_day_ns()
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise ValueError(f"{option} takes an RFC 3339 time or 'today'; {exc}") from None
+
+
+def _check_replay_args(a: argparse.Namespace, since: int | None, until: int | None) -> None:
+    """Refuse a replay that could only print nothing, or ignore an option."""
+    if a.from_seq < 1:
+        raise ValueError(f"--from must be a seq >= 1 (the log starts at seq 1), got {a.from_seq}")
+    if a.to_seq is not None and a.to_seq < a.from_seq:
+        raise ValueError(f"--to {a.to_seq} is before --from {a.from_seq}: an empty range")
+    if since is not None and until is not None and until <= since:
+        raise ValueError(f"--until {a.until} is not after --since {a.since}: an empty range")
     if a.follow and (a.to_seq is not None or until is not None):
         raise ValueError("--follow cannot be combined with --to or --until")
+    if a.checkpoint is not None and not a.follow:
+        raise ValueError("--checkpoint needs --follow: a replay of a fixed range neither resumes "
+                         "from a checkpoint nor saves one")
+
+
+class _ReplacedOnSuccess:
+    """``replay --output FILE``: a temp file beside FILE (same directory, so the
+    rename is atomic) that :meth:`commit` fsyncs and renames over FILE, and
+    :meth:`discard` removes. FILE keeps its permission bits (a new one gets
+    the umask's). A symlink is followed: its target is replaced. Something
+    that is not a regular file (``/dev/stdout``, a FIFO) is written directly."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.realpath(path)
+        self.tmp: str | None = None
+        try:
+            st: os.stat_result | None = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            self.file: IO[str] = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+            return
+        d, base = os.path.split(self.path)
+        while True:
+            # created as open(FILE, "w") would create FILE (0666 less the umask)
+            tmp = os.path.join(d, f".{base}.{os.urandom(4).hex()}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                break
+            except FileExistsError:
+                continue
+        self.tmp = tmp
+        try:
+            if st is not None:
+                os.fchmod(fd, st.st_mode & 0o7777)
+            self.file = open(fd, "w", encoding="utf-8")  # noqa: SIM115 (closed by commit/discard)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+
+    def commit(self) -> None:
+        """Make FILE the complete output. Raises OSError: before the rename FILE
+        is then unchanged and the temp file removed; only the directory's fsync
+        comes after it."""
+        try:
+            self.file.flush()
+            if self.tmp is not None:
+                os.fsync(self.file.fileno())
+            self.file.close()
+            if self.tmp is not None:
+                os.replace(self.tmp, self.path)
+                self.tmp = None
+        except BaseException:
+            self.discard()
+            raise
+        dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def discard(self) -> None:
+        """Drop the partial output: FILE stays as it was."""
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+            self.tmp = None
+
+
+def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
+    since = _option_time("--since", a.since)
+    until = _option_time("--until", a.until)
+    _check_replay_args(a, since, until)
     archive = bool(a.follow and a.output)
     in_file = archive_resume(a.output, a.format) if archive else None
-    out: IO[str] = open(a.output, "a" if a.follow else "w", encoding="utf-8") if a.output else sys.stdout
+    target: _ReplacedOnSuccess | None = None
+    out: IO[str] = sys.stdout
+    if a.output and a.follow:
+        out = open(a.output, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+    elif a.output:
+        target = _ReplacedOnSuccess(a.output)
+        out = target.file
     stop: threading.Event | None = None
     old_term: Any = None
     if a.follow:
@@ -385,10 +594,11 @@ def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
         # fsynced and the checkpoint saved (they were lost or got apart before)
         stop = threading.Event()
         old_term = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    done = False
     try:
-        with Plant(cfg, client="plant-cli") as p:
+        with Plant(cfg, client="plant-cli") as p, _NoAnswerNotice(p, cfg.sequencers):
             if a.follow:
-                start = parse_start(a.since) if a.since else parse_start(max(a.from_seq, 1))
+                start = Start.at_time(since) if since is not None else Start.at_seq(a.from_seq)
                 if in_file is not None:
                     # the file says what it holds: resume right after its last line
                     # (a checkpoint may lag it by a second, or be gone)
@@ -418,8 +628,14 @@ def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
                       "were already removed by retention", file=sys.stderr)
             if total and n > 10_000:
                 print(f"replay: {n} records", file=sys.stderr)
+        done = True
     finally:
-        if out is not sys.stdout:
+        if target is not None:
+            if done:
+                target.commit()
+            else:
+                target.discard()
+        elif out is not sys.stdout:
             out.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
@@ -427,6 +643,10 @@ def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
 
 
 def _status(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
+    """Each node's status, this plant's outbox and checkpoints. A checkpoint's
+    lag needs a node's last seq: with no node answering it is unknown (null
+    in --json). A damaged checkpoint is shown as such (and named on stderr);
+    the rest is still shown. Exit 1 if no node answered."""
     from sequencer.cli import print_status
     info: dict[str, Any] = {}
     for ep in cfg.sequencers:
@@ -445,20 +665,34 @@ def _status(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
             box = Outbox(ob, max_count=cfg.outbox_max_count, max_bytes=cfg.outbox_max_bytes)
         except ConfigError:
             local["outbox_depth"] = "in use by a running plant with this producer id"
+        except OrbcastError as exc:
+            local["outbox_depth"] = f"unreadable: {exc}"
+            print(f"plant: warning: outbox {ob}: {exc}", file=sys.stderr)
         else:
             local["outbox_depth"] = box.count
             local["next_producer_seq"] = box.next_pseq
             box.close()
     else:
         local["outbox_depth"] = 0
-    last = max((v.get("last_seq", 0) for v in info.values() if isinstance(v, dict)), default=0)
-    cps = {}
+    lasts = [v["last_seq"] for v in info.values()
+             if "error" not in v and isinstance(v.get("last_seq"), int)]
+    last = max(lasts) if lasts else None
+    cps: dict[str, Any] = {}
     cpdir = data / "checkpoints"
     if cpdir.exists():
         store = CheckpointStore(cpdir)
         for name in store.names():
-            pos = store.load(name) or 0
-            cps[name] = {"position": pos, "lag": max(0, last - pos)}
+            try:
+                pos = store.load(name) or 0
+            except OrbcastError as exc:
+                cps[name] = {"damaged": str(exc)}
+                print(f"plant: warning: {exc}", file=sys.stderr)
+                continue
+            if last is not None:
+                lag: Any = max(0, last - pos)
+            else:
+                lag = None if a.json else "unknown (no node answered)"
+            cps[name] = {"position": pos, "lag": lag}
     local["subscriptions"] = cps
     result = {"nodes": info, "plant": local}
     print_status(result, as_json=a.json)

@@ -228,10 +228,19 @@ class Ticket:
                 log.exception("publish callback raised")
 
 
-def parse_start(spec: str | int | None, *, now_ns: int | None = None) -> Start:
-    """Parse ``now``, ``today``, a seq (``1234``) or an RFC 3339 time.
+def start_of_day_ns(now_ns: int | None = None) -> int:
+    """ns since the epoch of the start (00:00 UTC) of the UTC day holding
+    ``now_ns`` (default: now): what ``today`` means to every option."""
+    ns = time.time_ns() if now_ns is None else now_ns
+    return ns - ns % (86_400 * 1_000_000_000)
 
-    ``today`` is the start of the current UTC day.
+
+def parse_start(spec: str | int | None, *, now_ns: int | None = None) -> Start:
+    """Parse ``now``, ``today``, a seq (``1234``) or an RFC 3339 time (see
+    :func:`parse_time`).
+
+    ``today`` is the start of the current UTC day. Raises ``ValueError``
+    naming what is accepted.
     """
     if spec is None or spec == "now":
         return Start.now()
@@ -239,23 +248,63 @@ def parse_start(spec: str | int | None, *, now_ns: int | None = None) -> Start:
         return Start.at_seq(spec)
     s = spec.strip()
     if s == "today":
-        now = _dt.datetime.fromtimestamp((now_ns or time.time_ns()) / 1e9, _dt.timezone.utc)
-        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        return Start.at_time(int(midnight.timestamp()) * 1_000_000_000)
+        return Start.at_time(start_of_day_ns(now_ns))
     if s.isdigit():
         return Start.at_seq(int(s))
-    return Start.at_time(parse_time(s))
+    try:
+        ns = parse_time(s)
+    except ValueError:
+        raise ValueError(f"not a seq, 'now', 'today' or an RFC 3339 time: {s!r}") from None
+    return Start.at_time(ns)
+
+
+#: What :func:`parse_time` takes: RFC 3339 (its ``T`` and ``Z`` in either case,
+#: or a space for the ``T``, RFC 3339 5.6), seconds and the zone optional, a
+#: fraction of up to 9 digits (ns, the resolution of a record's time), or a bare
+#: date (its midnight). The fraction may be longer in RFC 3339; it is refused
+#: rather than rounded, so a boundary is never silently moved.
+_RFC3339 = (r"(?P<y>\d{4})-(?P<mo>\d{2})-(?P<d>\d{2})"
+            r"(?:[Tt ](?P<h>\d{2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:[.,](?P<frac>\d+))?)?"
+            r"(?P<zone>[Zz]|[+-]\d{2}:?\d{2})?)?")
+#: Fraction digits a time is kept to: nanoseconds.
+_MAX_FRACTION_DIGITS = 9
 
 
 def parse_time(s: str) -> int:
-    """RFC 3339 / ISO 8601 time (naive means UTC) -> ns since the epoch."""
+    """An RFC 3339 time -> ns since the epoch, exactly (no float in between).
+
+    ``2026-11-25T18:37:17.129491179Z``, ``2026-11-25t20:37:17+02:00``,
+    ``2026-11-25 18:37``, ``2026-11-25`` (its midnight); no zone means UTC.
+    Every time the CLI prints (``rfc3339``) parses back to the same ns.
+    Raises ``ValueError`` saying what is accepted.
+    """
+    import re
+
+    def bad(why: str = "") -> ValueError:
+        return ValueError(f"not an RFC 3339 time{f' ({why})' if why else ''}: {s!r} (e.g. "
+                          "2026-11-25T08:00:00Z or 2026-11-25T10:00:00.123456789+02:00; "
+                          "no zone means UTC)")
+
+    m = re.fullmatch(_RFC3339, s.strip(), re.ASCII)
+    if m is None:
+        raise bad()
+    frac = m["frac"] or ""
+    if len(frac) > _MAX_FRACTION_DIGITS:
+        raise bad(f"more than {_MAX_FRACTION_DIGITS} fractional digits: times are kept to the ns")
+    offset = 0
+    zone = m["zone"] or "Z"
+    if zone not in "Zz":
+        hh, mm = int(zone[1:3]), int(zone[-2:])
+        if hh > 23 or mm > 59:
+            raise bad(f"zone offset {zone} out of range")
+        offset = (hh * 60 + mm) * 60 * (1 if zone[0] == "+" else -1)
     try:
-        t = _dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"not a seq, 'now', 'today' or an RFC 3339 time: {s!r}") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=_dt.timezone.utc)
-    return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
+        t = _dt.datetime(int(m["y"]), int(m["mo"]), int(m["d"]), int(m["h"] or 0),
+                         int(m["mi"] or 0), int(m["s"] or 0))
+    except ValueError as exc:            # month 13, 25:00, a leap second 23:59:60, ...
+        raise bad(str(exc)) from None
+    secs = (t - _dt.datetime(1970, 1, 1)) // _dt.timedelta(seconds=1) - offset
+    return secs * 1_000_000_000 + int(frac.ljust(_MAX_FRACTION_DIGITS, "0"))
 
 
 class Subscription:

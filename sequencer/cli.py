@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         x.add_argument("--sequencer", default="tcp://127.0.0.1:7400", help="the node's ingress endpoint")
         x.add_argument("--timeout", type=float, default=5.0)
     c = sub.add_parser("check", help="verify every log segment (full CRC scan)")
-    c.add_argument("--data", required=True)
+    c.add_argument("--data", required=True,
+                   help="the node's data directory (holding log/); an error if it has none")
     return p
 
 
@@ -85,7 +86,14 @@ def _dispatch(a: argparse.Namespace) -> int:
         return 0
     if a.cmd == "check":
         from .log import verify_segment
-        segs = sorted(Path(a.data, "log").glob("*.seg"))
+        logdir = Path(a.data, "log")
+        if not Path(a.data).is_dir():
+            raise ValueError(f"{a.data}: no such directory (give a node's data directory, "
+                             "the one holding log/)")
+        if not logdir.is_dir():
+            raise ValueError(f"{a.data} has no log/ directory: not a node's data directory "
+                             "(give the directory holding log/, e.g. /var/lib/orbcast/primary)")
+        segs = sorted(logdir.glob("*.seg"))
         total = 0
         for seg in segs:
             n = verify_segment(seg)

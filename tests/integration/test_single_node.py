@@ -516,3 +516,175 @@ def test_a_resend_retention_may_have_removed_is_refused_and_fails_only_its_messa
         ctx.term()
     node.stop()
     assert [r[2] for r in node.records()] == list(range(101, 152))
+
+
+# --- the plant CLI against a real node (README "CLI reference") --------------------------------
+
+
+def _plant_cli(tmp_path: Path, *args: str, stdin: bytes | None = None,
+               timeout: float = 60):  # type: ignore[no-untyped-def]
+    """``python -m plant ARGS`` with a private data dir; the run is bounded by ``timeout``."""
+    import os
+    import subprocess
+    from tests.integration.conftest import PY, ROOT
+    cmd, rest = args[0], list(args[1:])
+    return subprocess.run([PY, "-m", "plant", cmd, "--data", str(tmp_path / "cli"), *rest],
+                          input=stdin, capture_output=True, timeout=timeout, cwd=ROOT, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _publish(node, tmp_path: Path, payloads: list[bytes]) -> list[int]:
+    from orbcast.config import PlantConfig
+    from plant.client import Plant
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="pub", data=str(tmp_path / "pub"))
+    with Plant(cfg, outbox=False) as p:
+        return [p.publish("t/cli", b, timeout=30) for b in payloads]   # one batch each
+
+
+def _jsonl(data: bytes) -> list[dict]:
+    import json
+    return [json.loads(ln) for ln in data.decode().splitlines()]
+
+
+def test_cli_replay_output_is_replaced_only_by_a_complete_replay(tmp_path: Path,
+                                                                 node_factory) -> None:
+    """``replay --output FILE`` used to truncate FILE before connecting: a
+    replay that failed left it empty. Now FILE changes only when the replay is
+    complete (keeping FILE's permission bits), and no temp file stays behind."""
+    from tests.integration.conftest import free_port
+    node = node_factory().start()
+    assert _publish(node, tmp_path, [b"a", b"b", b"c"]) == [1, 2, 3]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "keep.jsonl"
+    out.write_bytes(b'{"seq":7}\n')
+    out.chmod(0o640)
+    r = _plant_cli(tmp_path, "replay", "--sequencer", f"tcp://127.0.0.1:{free_port()}",
+                   "--timeout", "2", "--output", str(out))
+    assert r.returncode == 1 and b"did not answer" in r.stderr, r.stderr
+    assert out.read_bytes() == b'{"seq":7}\n'
+    assert [p.name for p in out_dir.iterdir()] == ["keep.jsonl"]
+    r = _plant_cli(tmp_path, "replay", "--sequencer", node.ingress, "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert [d["seq"] for d in _jsonl(out.read_bytes())] == [1, 2, 3]
+    assert out.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in out_dir.iterdir()] == ["keep.jsonl"]
+
+
+def test_cli_time_bounds_copied_from_its_own_output_are_exact(tmp_path: Path,
+                                                              node_factory) -> None:
+    """A ``time`` from jsonl output given back to --since / --until is an exact
+    boundary, to the ns (it used to be cut to the microsecond), also with a
+    lower-case t/z or as an offset time."""
+    import datetime as dt
+    node = node_factory().start()
+    _publish(node, tmp_path, [b"m%d" % i for i in range(5)])
+    r = _plant_cli(tmp_path, "replay", "--sequencer", node.ingress)
+    assert r.returncode == 0, r.stderr
+    recs = _jsonl(r.stdout)
+
+    def ns(text: str) -> int:          # "2026-11-25T18:37:17.129491179Z"
+        whole = dt.datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.UTC)
+        return int(whole.timestamp()) * 1_000_000_000 + int(text[20:29])
+
+    def text(t: int, offset_h: int = 0) -> str:
+        tz = dt.timezone(dt.timedelta(hours=offset_h))
+        whole = dt.datetime.fromtimestamp(t // 1_000_000_000, tz).strftime("%Y-%m-%dT%H:%M:%S")
+        zone = "Z" if offset_h == 0 else f"+{offset_h:02d}:00"
+        return f"{whole}.{t % 1_000_000_000:09d}{zone}"
+
+    times = [(d["seq"], ns(d["time"])) for d in recs]
+    assert [text(t) for _s, t in times] == [d["time"] for d in recs]      # the helpers agree
+    t3 = times[2][1]
+    for option, bound, shown in [("--since", t3, text(t3)),
+                                 ("--since", t3 + 1, text(t3 + 1).lower()),
+                                 ("--until", t3, text(t3, 2)),
+                                 ("--until", t3 + 1, text(t3 + 1))]:
+        r = _plant_cli(tmp_path, "replay", "--sequencer", node.ingress, option, shown)
+        assert r.returncode == 0, r.stderr
+        want = [s for s, t in times if (t >= bound if option == "--since" else t < bound)]
+        assert [d["seq"] for d in _jsonl(r.stdout)] == want, (option, shown, times)
+
+
+def test_cli_publish_stdin_stops_at_a_bad_line_and_says_what_was_published(
+        tmp_path: Path, node_factory) -> None:
+    """A line that cannot be a message (over the payload limit, not UTF-8): the
+    seqs of the lines before it are printed, the error names the line and says
+    it and the rest were not published (it used to print only the error)."""
+    node = node_factory().start()
+    args = ("publish", "--sequencer", node.ingress, "--producer-id", "stdin", "--stdin", "t/in")
+    r = _plant_cli(tmp_path, *args, stdin=b"one\ntwo\n" + b"x" * 300_000 + b"\nthree\n")
+    assert r.returncode == 1
+    assert r.stdout.split() == [b"1", b"2"]
+    err = r.stderr.decode()
+    assert "input line 3: longer than 262144 bytes" in err, err
+    assert "lines 1-2 were published" in err and "line 3 and every line after it were not" in err
+    r = _plant_cli(tmp_path, *args, stdin=b"four\n\xff\xfe\nfive\n")
+    assert r.returncode == 1 and r.stdout.split() == [b"3"]
+    err = r.stderr.decode()
+    assert "input line 2: not valid UTF-8 (byte 0xff at offset 0)" in err, err
+    r = _plant_cli(tmp_path, "replay", "--sequencer", node.ingress, "--format", "text")
+    assert [ln.split()[-1] for ln in r.stdout.decode().splitlines()] == ["one", "two", "four"]
+
+
+def test_cli_tail_says_when_no_node_answers_and_keeps_waiting(tmp_path: Path, node_factory,
+                                                              procs: list) -> None:
+    """``plant tail`` at an endpoint where no node answers (none started yet, or
+    a node's egress given by mistake) says so on stderr after a few seconds,
+    keeps trying, and delivers once the node is there."""
+    import functools
+    from tests.integration.conftest import PY, Proc
+    up = node_factory("up").start()
+    later = node_factory("later")                   # its ports are chosen; not started yet
+
+    def tail(name: str, ep: str, *extra: str) -> Proc:
+        p = Proc([PY, "-m", "plant", "tail", "--sequencer", ep, "--data", str(tmp_path / name),
+                  "--format", "jsonl", *extra], tmp_path / f"{name}.log").start()
+        procs.append(p)
+        return p
+
+    wrong = tail("wrong", up.egress)
+    waiting = tail("waiting", later.ingress, "--from", "1", "--count", "1")
+    def noticed(p: Proc, ep: str) -> bool:
+        return f"plant: no answer from {ep} yet; still trying" in p.output()
+
+    for p, ep in ((wrong, up.egress), (waiting, later.ingress)):
+        wait_for(functools.partial(noticed, p, ep), 30, f"the notice of the tail at {ep}")
+        assert p.alive(), p.output()
+    later.start()
+    assert _publish(later, tmp_path, [b"at last"]) == [1]
+    assert waiting.wait(60) == 0, waiting.output()
+    out = waiting.output()
+    assert '"seq":1' in out and "plant: a node answers now" in out
+    assert out.count("no answer from") == 1                     # said once, not every second
+    assert wrong.alive()
+    wrong.kill9()
+
+
+def test_cli_status_shows_damaged_checkpoints_and_an_unknown_lag(tmp_path: Path,
+                                                                 node_factory) -> None:
+    """One damaged checkpoint used to make ``plant status`` print only an
+    error; with no node answering every lag was 0. Now the damaged one is
+    shown as damaged with the rest, and the lag is unknown without a node."""
+    import json
+    from plant.checkpoint import CheckpointStore
+    from tests.integration.conftest import free_port
+    store = CheckpointStore(tmp_path / "cli" / "checkpoints")
+    store.save("good", 1)
+    (store.directory / "bad.ckpt").write_bytes(b"garbage\n")
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    r = _plant_cli(tmp_path, "status", "--sequencer", nowhere, "--timeout", "1", "--json")
+    assert r.returncode == 1, r.stderr
+    subs = json.loads(r.stdout)["plant"]["subscriptions"]
+    assert subs["good"] == {"position": 1, "lag": None}
+    assert "is damaged" in subs["bad"]["damaged"] and b"bad.ckpt is damaged" in r.stderr
+    r = _plant_cli(tmp_path, "status", "--sequencer", nowhere, "--timeout", "1")
+    assert b"unknown (no node answered)" in r.stdout and b"damaged" in r.stdout
+    node = node_factory().start()
+    _publish(node, tmp_path, [b"a", b"b", b"c"])
+    r = _plant_cli(tmp_path, "status", "--sequencer", node.ingress, "--json")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    assert st["nodes"][node.ingress]["last_seq"] == 3
+    assert st["plant"]["subscriptions"]["good"] == {"position": 1, "lag": 2}
+    assert "damaged" in st["plant"]["subscriptions"]["bad"]
