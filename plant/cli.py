@@ -60,10 +60,17 @@ NO_ANSWER_NOTICE_S = 5.0
 MAX_STDIN_LINE = MAX_PAYLOAD_BYTES + 1
 
 
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+
+
 def rfc3339(ns: int) -> str:
-    """ns since the epoch -> ``2026-11-25T15:12:14.123456789Z``."""
+    """ns since the epoch -> ``2026-11-25T15:12:14.123456789Z``.
+
+    By date arithmetic, not ``fromtimestamp``: on 32-bit Raspberry Pi OS
+    (Bookworm armhf, a 32-bit ``time_t``) that raises for any time after
+    2038-01-19, and a record's time is whatever its node's clock said."""
     s, frac = divmod(ns, 1_000_000_000)
-    base = _dt.datetime.fromtimestamp(s, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    base = (_EPOCH + _dt.timedelta(seconds=s)).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{base}.{frac:09d}Z"
 
 

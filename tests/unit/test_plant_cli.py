@@ -47,6 +47,15 @@ def test_every_time_the_tool_prints_parses_back_to_the_same_ns(ns: int) -> None:
     assert parse_time(rfc3339(ns)) == ns
 
 
+def test_times_after_2038_print_on_a_32_bit_time_t() -> None:
+    """A record's time is any u63 its node stamped; 32-bit Pi OS (armhf) has a
+    32-bit time_t, where datetime.fromtimestamp fails after 2038-01-19 (the
+    emulated armhf run caught it). Printed by date arithmetic instead."""
+    assert rfc3339(2**31 * 10**9) == "2038-01-19T03:14:08.000000000Z"
+    assert rfc3339((1 << 63) - 1) == "2262-04-11T23:47:16.854775807Z"
+    assert rfc3339(0) == "1970-01-01T00:00:00.000000000Z"
+
+
 @pytest.mark.parametrize("text", [
     "2026-11-25T18:37:17.129491179Z",
     "2026-11-25t18:37:17.129491179z",              # RFC 3339 5.6: t and z in lower case
