@@ -606,12 +606,17 @@ def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
         with Plant(cfg, client="plant-cli") as p, _NoAnswerNotice(p, cfg.sequencers):
             if a.follow:
                 start = Start.at_time(since) if since is not None else Start.at_seq(a.from_seq)
+                store = CheckpointStore(Path(cfg.data) / "checkpoints")
                 if in_file is not None:
                     # the file says what it holds: resume right after its last line
                     # (a checkpoint may lag it by a second, or be gone)
                     start = Start.at_seq(in_file + 1)
                     if a.checkpoint:
-                        CheckpointStore(Path(cfg.data) / "checkpoints").save(a.checkpoint, in_file)
+                        store.save(a.checkpoint, in_file)
+                elif archive and a.checkpoint and store.load(a.checkpoint):
+                    print(f"replay: {a.output} holds no record yet: resuming after checkpoint "
+                          f"{a.checkpoint!r} (seq {store.load(a.checkpoint)}); the lines up to it "
+                          "are in the file this one replaced (rotated?)", file=sys.stderr)
                 sub = p.subscribe(a.topic, start=start, checkpoint=a.checkpoint,
                                   auto_ack=not archive)
                 total = None

@@ -75,6 +75,20 @@ def test_archive_restarted_and_killed_at_any_moment_has_no_gap_and_no_duplicate(
     assert _lines(out) == list(range(1, total + 1)), arch.output()[-2000:]
     assert out.read_bytes().endswith(b"\n")
     assert "cut a torn last line" in arch.output()
+    # rotation as operations.md says: stopped, moved away, started again: the new file
+    # goes on right after the old one's last line, and the archive says why it is empty
+    out.rename(tmp_path / "stream-old.jsonl")
+    arch = Proc(args, log).start()
+    try:
+        cfg2 = PlantConfig(sequencers=[node.ingress], producer_id="pub2", data=str(tmp_path / "pub2"))
+        with Plant(cfg2, outbox=False) as p:          # (a new memory outbox: a new producer)
+            assert p.publish("t/a", b"after rotation", timeout=30) == total + 1
+        wait_for(lambda: len(_lines(out)) >= 1, 60, "the archive to write the new file")
+        assert arch.terminate() == 0
+    finally:
+        arch.kill9()
+    assert _lines(out) == [total + 1]
+    assert "holds no record yet: resuming after checkpoint 'archive'" in arch.output()
 
 
 def test_archive_resume_reads_the_last_line_and_cuts_a_torn_one(tmp_path: Path) -> None:
