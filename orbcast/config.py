@@ -415,7 +415,10 @@ def load(cls: type[T], path: str | os.PathLike[str] | None = None, *,
             raise ConfigError(f"cannot read config file: {exc.strerror}", source=str(path)) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"invalid TOML: {exc}", source=str(path)) from None
-        for name in doc:
+        for name, v in doc.items():
+            if not isinstance(v, (dict, list)):
+                raise ConfigError(f"setting {name!r} is outside any section: put it under "
+                                  "[sequencer] or [plant]", source=str(path))
             if name not in KNOWN_SECTIONS:
                 raise ConfigError(f"unknown section [{name}] (known: "
                                   f"{', '.join(sorted(KNOWN_SECTIONS))})", source=str(path))

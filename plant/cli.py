@@ -235,7 +235,8 @@ def _publish(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
         raise ValueError("give a PAYLOAD or --stdin (one message per line), not both")
     check_topic(a.topic)          # before any input is read: a bad topic is no line's fault
     deadline = None if a.timeout is None else time.monotonic() + a.timeout
-    with Plant(cfg, client="plant-cli") as p, _NoAnswerNotice(p, cfg.sequencers):
+    with (Plant(cfg, client="plant-cli") as p,
+          _NoAnswerNotice(p, cfg.sequencers, only_while_publishing=True)):
         if p.outbox_depth:
             print(f"resending {p.outbox_depth} messages left in the outbox by an earlier run",
                   file=sys.stderr)
@@ -306,15 +307,23 @@ def _print_seqs(tickets: list, deadline: float | None) -> None:  # type: ignore[
 
 
 class _NoAnswerNotice:
-    """While a command waits on the nodes, ping the one the plant talks to;
-    after :data:`NO_ANSWER_NOTICE_S` without an answer say so on stderr, once
-    per silence (and once when a node answers again). The command itself keeps
-    waiting: a tail or an archive outlives a node's restart."""
+    """While a command waits on the nodes: after :data:`NO_ANSWER_NOTICE_S`
+    in which the plant heard nothing from a node (no answer, no heartbeat:
+    :attr:`Plant.silent_for`) say so on stderr, once per silence (and once
+    when a node is heard again). Nothing is sent for it (a request every few
+    seconds would cost a secured pair a state write each, for the life of an
+    archive). The command itself keeps waiting: a tail or an archive outlives
+    a node's restart."""
 
-    def __init__(self, p: Plant, endpoints: Sequence[str]) -> None:
+    def __init__(self, p: Plant, endpoints: Sequence[str], *,
+                 only_while_publishing: bool = False) -> None:
+        # publish: between messages (an idle --stdin) a plant may hear nothing and
+        # need nothing (a secured plant that may not read gets no heartbeats)
+        self._only_publishing = only_while_publishing
         self._p = p
         self._eps = ", ".join(endpoints)
         self._stop = threading.Event()
+        self._silent = False
         self._thread = threading.Thread(target=self._run, name="plant-cli-notice", daemon=True)
 
     def __enter__(self) -> Self:
@@ -322,31 +331,35 @@ class _NoAnswerNotice:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()       # the thread ends at its next ping's answer or timeout
+        self._stop.set()
+        self._thread.join(2)
+        if self._silent and not self._thread.is_alive():
+            quiet = self._p.silent_for     # the command may end before the next look
+            if quiet is not None and quiet < NO_ANSWER_NOTICE_S:
+                print("plant: a node answers now", file=sys.stderr, flush=True)
 
     def _say(self, text: str) -> None:
         if not self._stop.is_set():
             print(f"plant: {text}", file=sys.stderr, flush=True)
 
     def _run(self) -> None:
-        answered = silent = False
-        while not self._stop.is_set():
-            try:
-                self._p.ping(timeout=NO_ANSWER_NOTICE_S)
-            except OrbcastTimeout:
-                if not silent:
-                    silent = True
-                    self._say(f"no answer from {self._eps} "
-                              + (f"for {NO_ANSWER_NOTICE_S:g} s" if answered else "yet")
-                              + "; still trying (is a node running there, and is that its "
-                                "ingress endpoint?)")
-                continue
-            except (OrbcastError, RuntimeError):
-                return                  # the plant was closed: the command is over
-            if silent:
+        started = time.monotonic()
+        while not self._stop.wait(0.5):
+            quiet = self._p.silent_for
+            never = quiet is None
+            if never:
+                quiet = time.monotonic() - started
+            elif self._only_publishing and not self._p.outbox_depth:
+                quiet = 0.0                    # nothing to wait for: no silence to report
+            if quiet >= NO_ANSWER_NOTICE_S and not self._silent:
+                self._silent = True
+                self._say(f"no answer from {self._eps} "
+                          + ("yet" if never else f"for {NO_ANSWER_NOTICE_S:g} s")
+                          + "; still trying (is a node running there, and is that its "
+                            "ingress endpoint?)")
+            elif quiet < NO_ANSWER_NOTICE_S and self._silent:
+                self._silent = False
                 self._say("a node answers now")
-            answered, silent = True, False
-            self._stop.wait(NO_ANSWER_NOTICE_S)
 
 
 def _start_and_checkpoint(spec: str) -> tuple[Any, str | None]:
@@ -513,33 +526,46 @@ def _check_replay_args(a: argparse.Namespace, since: int | None, until: int | No
 class _ReplacedOnSuccess:
     """``replay --output FILE``: a temp file beside FILE (same directory, so the
     rename is atomic) that :meth:`commit` fsyncs and renames over FILE, and
-    :meth:`discard` removes. FILE keeps its permission bits (a new one gets
-    the umask's). A symlink is followed: its target is replaced. Something
-    that is not a regular file (``/dev/stdout``, a FIFO) is written directly."""
+    :meth:`discard` removes. FILE keeps its permission bits and (when we may
+    set it) its owner; a new one gets the umask's. A symlink is followed: its
+    target is replaced. Written directly, as before: what is not a regular
+    file (``/dev/stdout``, a pipe), a file with other hard links (replacing it
+    would cut them off), and a FILE in a directory where no temp file can be
+    made (then a failed replay leaves it partial, and stderr says so)."""
 
     def __init__(self, path: str) -> None:
-        self.path = os.path.realpath(path)
         self.tmp: str | None = None
+        self.path = path
         try:
-            st: os.stat_result | None = os.stat(self.path)
+            st: os.stat_result | None = os.stat(path)   # follows links: /dev/stdout too
         except FileNotFoundError:
             st = None
-        if st is not None and not stat.S_ISREG(st.st_mode):
-            self.file: IO[str] = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+        if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_nlink > 1):
+            self.file: IO[str] = open(path, "w", encoding="utf-8")  # noqa: SIM115
             return
-        d, base = os.path.split(self.path)
-        while True:
-            # created as open(FILE, "w") would create FILE (0666 less the umask)
-            tmp = os.path.join(d, f".{base}.{os.urandom(4).hex()}.tmp")
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-                break
-            except FileExistsError:
-                continue
-        self.tmp = tmp
+        real = os.path.realpath(path)
+        d, base = os.path.split(real)
+        try:
+            fd, tmp = _new_temp(d, base)
+        except OSError as exc:                # a directory we may not write, a read-only fs
+            print(f"replay: cannot make a temp file beside {path} ({exc.strerror}): writing "
+                  "it directly, so a replay that fails leaves it partial", file=sys.stderr)
+            self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115
+            return
+        self.path, self.tmp = real, tmp
         try:
             if st is not None:
-                os.fchmod(fd, st.st_mode & 0o7777)
+                if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                    try:
+                        os.fchown(fd, st.st_uid, st.st_gid)
+                    except PermissionError:
+                        pass                  # not ours to keep: the file becomes ours
+                mode = st.st_mode & 0o7777
+            else:
+                umask = os.umask(0)           # as open(FILE, "w") would create FILE
+                os.umask(umask)
+                mode = 0o666 & ~umask
+            os.fchmod(fd, mode)               # (made 0600: nobody else reads it meanwhile)
             self.file = open(fd, "w", encoding="utf-8")  # noqa: SIM115 (closed by commit/discard)
         except BaseException:
             os.close(fd)
@@ -550,6 +576,7 @@ class _ReplacedOnSuccess:
         """Make FILE the complete output. Raises OSError: before the rename FILE
         is then unchanged and the temp file removed; only the directory's fsync
         comes after it."""
+        renamed = False
         try:
             self.file.flush()
             if self.tmp is not None:
@@ -558,9 +585,12 @@ class _ReplacedOnSuccess:
             if self.tmp is not None:
                 os.replace(self.tmp, self.path)
                 self.tmp = None
+                renamed = True
         except BaseException:
             self.discard()
             raise
+        if not renamed:
+            return
         dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)
@@ -581,11 +611,35 @@ class _ReplacedOnSuccess:
             self.tmp = None
 
 
+def _new_temp(d: str, base: str) -> tuple[int, str]:
+    """A new file ``.BASE.XXXXXXXX.tmp`` in ``d``, mode 0600; (fd, path). BASE
+    is cut to 200 bytes: FILE's own name may be up to 255."""
+    stem = base.encode()[:200].decode(errors="ignore")
+    while True:
+        tmp = os.path.join(d, f".{stem}.{os.urandom(4).hex()}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue
+
+
+def _is_regular_or_absent(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
+
+
+def _exit_on_term(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)        # unwinds: a partial --output is removed
+
+
 def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
     since = _option_time("--since", a.since)
     until = _option_time("--until", a.until)
     _check_replay_args(a, since, until)
-    archive = bool(a.follow and a.output)
+    # an archive: a file to fsync and resume from (a pipe or a terminal is just written)
+    archive = bool(a.follow and a.output and _is_regular_or_absent(a.output))
     in_file = archive_resume(a.output, a.format) if archive else None
     target: _ReplacedOnSuccess | None = None
     out: IO[str] = sys.stdout
@@ -595,12 +649,13 @@ def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
         target = _ReplacedOnSuccess(a.output)
         out = target.file
     stop: threading.Event | None = None
-    old_term: Any = None
     if a.follow:
         # SIGTERM (systemctl stop / restart) ends the loop; the file is then
         # fsynced and the checkpoint saved (they were lost or got apart before)
         stop = threading.Event()
         old_term = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    else:
+        old_term = signal.signal(signal.SIGTERM, _exit_on_term)
     done = False
     try:
         with Plant(cfg, client="plant-cli") as p, _NoAnswerNotice(p, cfg.sequencers):

@@ -633,6 +633,14 @@ class Plant:
         return not (self._submit or self._blocked or self._accepting or self._out_box.count)
 
     @property
+    def silent_for(self) -> float | None:
+        """Seconds since this plant last heard from a node (an answer, or the
+        active node's heartbeat, every 100 ms by default); None if it never
+        has. Nothing is sent to find out."""
+        t = max(self._last_heard, self._active_seen)
+        return None if t == 0.0 else time.monotonic() - t
+
+    @property
     def engine_error(self) -> BaseException | None:
         """Why this plant's engine stopped (a failed outbox fsync, ...), or None
         while it runs (or after a normal :meth:`close`). Once it has stopped,

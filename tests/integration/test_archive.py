@@ -108,3 +108,44 @@ def test_archive_resume_reads_the_last_line_and_cuts_a_torn_one(tmp_path: Path) 
     assert archive_resume(str(f), "text") == 12
     with pytest.raises(ValueError, match="last line is not a jsonl record"):
         archive_resume(str(f), "jsonl")
+
+
+def test_a_replay_stopped_by_sigterm_leaves_its_output_file_and_no_temp_file(
+        tmp_path: Path) -> None:
+    """``timeout``, ``systemctl stop``: a plain ``replay --output FILE`` ended by
+    SIGTERM removes its temp file (one as large as the partial replay used to
+    stay behind each time) and leaves FILE as it was."""
+    from tests.integration.conftest import free_port
+    out = tmp_path / "keep.jsonl"
+    out.write_text("kept\n")
+    p = Proc([PY, "-m", "plant", "replay", "--sequencer", f"tcp://127.0.0.1:{free_port()}",
+              "--data", str(tmp_path / "pl"), "--timeout", "60", "--output", str(out)],
+             tmp_path / "replay.log").start()
+    try:
+        wait_for(lambda: list(tmp_path.glob(".keep.jsonl.*.tmp")), 30, "the temp file")
+        assert p.terminate() == 128 + 15, p.output()
+    finally:
+        p.kill9()
+    assert out.read_text() == "kept\n"
+    assert not list(tmp_path.glob(".keep.jsonl.*.tmp"))
+
+
+def test_replay_follow_to_a_pipe_streams_without_an_archive(tmp_path: Path, node_factory) -> None:
+    """``replay --follow --output /dev/stdout | ...``: not a file to fsync or resume
+    from (it failed with 'not seekable'), just written."""
+    import os
+    import subprocess
+    node = node_factory().start()
+    cfg = PlantConfig(sequencers=[node.ingress], producer_id="pub", data=str(tmp_path / "pub"))
+    with Plant(cfg, outbox=False) as p:
+        p.publish("t/a", b"one", timeout=30)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([PY, "-m", "plant", "replay", "--follow", "--sequencer", node.ingress,
+                             "--data", str(tmp_path / "pl"), "--output", "/dev/stdout"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        line = proc.stdout.readline()                 # type: ignore[union-attr]
+        assert json.loads(line)["seq"] == 1, proc.stderr.read() if not line else line  # type: ignore[union-attr]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

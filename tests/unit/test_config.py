@@ -507,3 +507,10 @@ def test_a_producer_id_must_be_usable_as_one_file_name(tmp_path: Path, pid: str,
     with pytest.raises(ConfigError) as ei:
         load(PlantConfig, path, env={})
     assert ei.value.field == "plant.producer_id" and ei.value.source == str(path)
+
+
+def test_a_setting_outside_any_section_is_named_as_such(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("fsync = true\n[plant]\n")
+    with pytest.raises(ConfigError, match="setting 'fsync' is outside any section"):
+        load(PlantConfig, f, env={})

@@ -194,3 +194,78 @@ def test_sequencer_check_of_a_directory_without_a_log_is_an_error(
     # a node's directory with an empty log is fine: nothing written yet
     assert sequencer_main(["check", "--data", str(tmp_path / "node")]) == 0
     assert "0 segments, 0 records, no damage found" in capsys.readouterr().out
+
+
+# --- replay --output: the temp file and when it is not used ---------------------------------
+
+def _replaced(path: str, text: str = "new\n") -> None:
+    from plant.cli import _ReplacedOnSuccess
+    t = _ReplacedOnSuccess(path)
+    t.file.write(text)
+    t.commit()
+
+
+def test_output_to_a_pipe_is_written_directly(tmp_path: Path) -> None:
+    """/dev/stdout, /dev/fd/N: realpath() of the /proc link names nothing, so the
+    temp file beside it could not be made (replay --output /dev/stdout | head)."""
+    import os
+    r, w = os.pipe()
+    try:
+        _replaced(f"/dev/fd/{w}", "through the pipe\n")
+        assert os.read(r, 100) == b"through the pipe\n"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_output_keeps_the_owner_mode_and_hard_links_of_file(tmp_path: Path) -> None:
+    import os
+    f = tmp_path / "out.jsonl"
+    f.write_text("old\n")
+    os.chmod(f, 0o640)
+    if os.geteuid() == 0:                       # root (sudo): FILE keeps its owner
+        os.chown(f, 65534, 65534)
+        _replaced(str(f))
+        st = os.stat(f)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o640)
+    else:                                       # a user: the file stays theirs
+        _replaced(str(f))
+        assert (os.stat(f).st_uid, os.stat(f).st_mode & 0o777) == (os.geteuid(), 0o640)
+    assert f.read_text() == "new\n"
+    link = tmp_path / "link.jsonl"
+    os.link(f, link)                            # a rename would cut the hard link
+    _replaced(str(f), "newer\n")
+    assert link.read_text() == "newer\n" and os.stat(f).st_ino == os.stat(link).st_ino
+
+
+def test_output_names_up_to_255_bytes_and_a_private_temp_file(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from plant.cli import _new_temp
+    f = tmp_path / ("x" * 250)
+    _replaced(str(f))
+    assert f.read_text() == "new\n"
+    fd, tmp = _new_temp(str(tmp_path), "y" * 255)
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(tmp).st_mode) == 0o600     # nobody reads it meanwhile
+    assert len(os.path.basename(tmp)) <= 255
+
+
+def test_output_where_no_temp_file_can_be_made_is_written_directly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A writable FILE in a directory we may not write (an admin's /var/log/x):
+    written in place, as before the temp file, and stderr says what that means."""
+    import errno
+
+    from plant import cli
+
+    def refused(d: str, base: str) -> tuple[int, str]:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(cli, "_new_temp", refused)
+    f = tmp_path / "out.jsonl"
+    f.write_text("old\n")
+    _replaced(str(f))
+    assert f.read_text() == "new\n"
+    assert "writing it directly" in capsys.readouterr().err
