@@ -33,7 +33,7 @@ import cbor2
 import zmq
 
 from orbcast import envelope as env
-from orbcast.config import PlantConfig
+from orbcast.config import PlantConfig, endpoint_host
 from orbcast.envelope import (Ack, Batch, Error, Heartbeat, Message, Ping, Pong,
                               ReplayChunk, StatusReply, StatusRequest, Welcome, Hello)
 from orbcast.errors import (AuthenticationError, ClosedError, LocalProtocolError, OrbcastTimeout,
@@ -52,6 +52,10 @@ log = logging.getLogger("orbcast.plant")
 
 #: Publish frames in flight to the node at once (each up to MAX_FRAME_ITEMS).
 MAX_INFLIGHT_FRAMES = 16
+#: Node endpoints learned from announcements (WELCOME, HEARTBEAT) kept beyond
+#: the configured ones: a pair needs two; a peer announcing new ones without
+#: end must not grow the plant's lists and connections.
+MAX_LEARNED_ENDPOINTS = 4
 #: Messages coalesced into one PUBLISH frame.
 MAX_FRAME_ITEMS = 2048
 #: Bytes of payload coalesced into one PUBLISH frame (under MAX_BODY_BYTES).
@@ -498,7 +502,7 @@ class Plant:
         self._hello_rid: int | None = None
         self._hello_at = 0.0
         self._last_heard = 0.0
-        self._egress_connected: set[str] = set()
+        self._egress_connected: dict[str, None] = {}   # in the order connected
         # failover (hot standby): what the plant knows of the nodes
         self._current_ep = cfg.sequencers[0]
         self._known_eps: list[str] = list(cfg.sequencers)   # ingress endpoints
@@ -856,7 +860,13 @@ class Plant:
         d.setsockopt(zmq.MAXMSGSIZE, 8 * env.MAX_BODY_BYTES)
         d.setsockopt(zmq.RECONNECT_IVL, 100)
         d.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        d.connect(ep)
+        try:
+            d.connect(ep)
+        except zmq.ZMQError as exc:           # _switch checked its form; libzmq may still refuse
+            self._bad_endpoint(ep, exc)       # it: stay unconnected, the failover moves on
+            d.close(0)
+            d = self._ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
         self._dealer = d
         self._poller.register(d, zmq.POLLIN)
         self._hello_rid = None
@@ -1320,13 +1330,12 @@ class Plant:
     def _switch(self, ep: str, now: float) -> None:
         """Point the DEALER at another node: resend what was in flight (dedup
         keeps it exactly once) and restart replays there."""
-        if ep == self._current_ep:
+        if ep == self._current_ep or not self._usable_ep(ep):
             return
         log.info("switching to sequencer node %s", ep)
         self._current_ep = ep
         self._switched_at = now
-        if ep not in self._known_eps:
-            self._known_eps.append(ep)
+        self._learn(ep, None)                 # (bounded like every learned endpoint)
         self._node = None
         self._unsent_actions.clear()          # addressed to the old node's sessions
         self._connect(ep)
@@ -1343,11 +1352,44 @@ class Plant:
             s.tracker.restart_replay(now)
 
     def _learn(self, ingress: str | None, egress: str | None) -> None:
-        if ingress and ingress not in self._known_eps:
+        """Endpoints a node announced (its own, its peer's). Checked first: one a
+        peer got wrong must not stop the engine; and bounded: at most
+        :data:`MAX_LEARNED_ENDPOINTS` beyond the configured ones are kept (the
+        oldest learned is forgotten), so announcements cannot grow the plant."""
+        if ingress and ingress not in self._known_eps and self._usable_ep(ingress):
             self._known_eps.append(ingress)
-        if egress and egress not in self._egress_connected:
-            self._sub.connect(egress)
-            self._egress_connected.add(egress)
+            learned = [e for e in self._known_eps
+                       if e not in self.cfg.sequencers and e != self._current_ep]
+            if len(learned) > MAX_LEARNED_ENDPOINTS:
+                self._known_eps.remove(learned[0])
+        if egress and egress in self._egress_connected:     # heard again: the most recent
+            self._egress_connected[egress] = self._egress_connected.pop(egress)
+        elif egress and self._usable_ep(egress):
+            try:
+                self._sub.connect(egress)
+            except zmq.ZMQError as exc:
+                self._bad_endpoint(egress, exc)
+                return
+            self._egress_connected[egress] = None
+            if len(self._egress_connected) > MAX_LEARNED_ENDPOINTS + len(self.cfg.sequencers):
+                old = next(iter(self._egress_connected))
+                del self._egress_connected[old]
+                try:
+                    self._sub.disconnect(old)
+                except zmq.ZMQError:
+                    pass
+
+    def _usable_ep(self, ep: str) -> bool:
+        try:
+            endpoint_host(ep)
+        except ValueError as exc:
+            self._bad_endpoint(ep, exc)
+            return False
+        return True
+
+    def _bad_endpoint(self, ep: str, exc: BaseException) -> None:
+        self.counters["bad_endpoints"] = self.counters.get("bad_endpoints", 0) + 1
+        log.warning("a node announced an endpoint we cannot use (%r): %s; ignored", ep[:80], exc)
 
     def _send_tracker_actions(self) -> None:
         # a fresh connection (after a switch) refuses sends until it is up
@@ -1461,7 +1503,11 @@ class Plant:
         elif t is Error:
             self._on_error(ev, now)
         else:
-            req = self._requests.pop(ev.rid, None)
+            rid = getattr(ev, "rid", None)
+            if rid is None:                   # a BATCH or HEARTBEAT here: not a reply
+                self.counters["bad_frames"] += 1
+                return
+            req = self._requests.pop(rid, None)
             if req is not None and not req[0].done():
                 req[0].set_result(ev)
 

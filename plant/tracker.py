@@ -282,6 +282,12 @@ class Tracker:
             self._rid = None
             self._outstanding = 0
             self._owed = 0
+            if last_seq < self.known_tail and not self._buf:
+                # The node's log ends before the tail we believed in (a heartbeat
+                # or WELCOME that overstated it, or a new leader with a shorter
+                # log): believe the log, or we would ask for that tail again at
+                # once, for ever.
+                self.known_tail = max(last_seq, self.next_seq - 1)
         else:
             # the time request had credit 1 (see _maybe_request): open the pipeline now
             self._grant(self.credit if resolving else 1)

@@ -157,6 +157,23 @@ def test_a_tail_replay_is_bounded_so_live_batches_meanwhile_are_not_fetched_twic
     assert seqs(tr) == list(range(1, 10)) and tr.repaired == 2 and tr.actions() == []
 
 
+def test_a_tail_the_node_overstated_is_asked_for_once_not_for_ever() -> None:
+    """One heartbeat (or WELCOME) claiming seq 2**63 - 1: the replay of that "tail"
+    ends at the node's real last seq, and the tracker believes the log (it asked
+    again at once, thousands of times a second, for ever)."""
+    tr = tracker()
+    batch(tr, 1, 3)
+    tr.on_heartbeat(2**63 - 1, 0.0)
+    (r,) = tr.actions()
+    assert (r.from_seq, r.to_seq) == (4, 2**63 - 1)
+    chunk(tr, r.rid, 4, 6, last_seq=5, done=True, now=0.1)   # the log ends at 5
+    assert seqs(tr) == [1, 2, 3, 4, 5] and tr.known_tail == 5
+    tr.tick(0.2)
+    assert tr.actions() == [] and tr.deadline() is None
+    batch(tr, 6, 6, now=0.3)                                  # and the stream goes on
+    assert seqs(tr)[-1] == 6 and tr.actions() == []
+
+
 def test_heartbeat_ahead_requests_the_tail() -> None:
     tr = tracker()
     batch(tr, 1, 3)
