@@ -56,6 +56,8 @@ MAX_INFLIGHT_FRAMES = 16
 #: the configured ones: a pair needs two; a peer announcing new ones without
 #: end must not grow the plant's lists and connections.
 MAX_LEARNED_ENDPOINTS = 4
+#: The reply each kind of request waits for (an ERROR answers any of them).
+_ANSWERS: dict[type, type] = {Hello: Welcome, Ping: Pong, StatusRequest: StatusReply}
 #: Messages coalesced into one PUBLISH frame.
 MAX_FRAME_ITEMS = 2048
 #: Bytes of payload coalesced into one PUBLISH frame (under MAX_BODY_BYTES).
@@ -1497,9 +1499,7 @@ class Plant:
                 if self._following(now):
                     for s in self._subs:       # the tail, as a heartbeat would tell it
                         s.tracker.on_heartbeat(ev.last_seq, now)
-            req = self._requests.pop(ev.rid, None)
-            if req is not None and not req[0].done():
-                req[0].set_result(ev)
+            self._answer(ev.rid, ev)
         elif t is Error:
             self._on_error(ev, now)
         else:
@@ -1507,9 +1507,21 @@ class Plant:
             if rid is None:                   # a BATCH or HEARTBEAT here: not a reply
                 self.counters["bad_frames"] += 1
                 return
-            req = self._requests.pop(rid, None)
-            if req is not None and not req[0].done():
-                req[0].set_result(ev)
+            self._answer(rid, ev)
+
+    def _answer(self, rid: int, reply: Any) -> None:
+        """Resolve request ``rid`` with ``reply`` if it answers that request; a
+        reply of another kind under its rid is counted and the request waits on
+        (it would reach the application as the wrong type)."""
+        req = self._requests.get(rid)
+        if req is None:
+            return
+        if type(reply) is not _ANSWERS.get(type(req[2])):
+            self.counters["bad_frames"] += 1
+            return
+        del self._requests[rid]
+        if not req[0].done():
+            req[0].set_result(reply)
 
     def _on_ack(self, ev: Ack) -> None:
         if ev.epoch < self._max_epoch:
@@ -1542,9 +1554,7 @@ class Plant:
             self._cond.notify_all()
 
     def _on_welcome(self, ev: Welcome, now: float) -> None:
-        req = self._requests.pop(ev.rid, None)
-        if req is not None and not req[0].done():
-            req[0].set_result(ev)
+        self._answer(ev.rid, ev)
         if ev.epoch > self._max_epoch:
             self._max_epoch = ev.epoch
         self._learn(None, ev.egress)

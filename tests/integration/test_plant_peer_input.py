@@ -79,6 +79,9 @@ class TinyNode:
             self.router.send_multipart([pid, *env.encode(env.Welcome(
                 rid=ev.rid, node="tiny", role="active", epoch=1, first_seq=1 if self.last else 0,
                 last_seq=self.last, egress=self.egress))])
+        elif type(ev) is env.Ping:              # answered with the wrong kind, same rid
+            self.router.send_multipart([pid, *env.encode(env.StatusReply(rid=ev.rid,
+                                                                         info={"x": 1}))])
         elif type(ev) is env.Publish:
             pairs: list[int] = []
             recs = []
@@ -153,4 +156,17 @@ def test_announced_endpoints_are_bounded(tiny) -> None:
     assert len(p._known_eps) <= 1 + MAX_LEARNED_ENDPOINTS
     assert len(p._egress_connected) <= 1 + MAX_LEARNED_ENDPOINTS
     assert node.egress in p._egress_connected          # the node we talk to stays
+    _still_works(p, 2)
+
+
+def test_a_reply_of_the_wrong_kind_does_not_answer_a_request(tiny) -> None:
+    """A STATUS_REPLY under the rid of a PING: ping() returned it (the wrong
+    type, failing in the application); now it is counted and the PING still
+    waits for its PONG (here: until its timeout)."""
+    from orbcast.errors import OrbcastTimeout
+    node, p = tiny
+    before = p.counters["bad_frames"]
+    with pytest.raises(OrbcastTimeout):
+        p.ping(timeout=1)
+    assert p.counters["bad_frames"] > before
     _still_works(p, 2)
