@@ -144,6 +144,7 @@ class Tracker:
         self._buf_bytes = 0                   # their bytes (as reckoned for ready)
         # replay in flight
         self._rid: int | None = None
+        self._req_to: int | None = None       # the replay in flight asked up to this seq
         self._outstanding = 0                 # chunks granted and not yet received
         self._owed = 0                        # credit withheld while ready is full
         self._deadline = 0.0
@@ -258,6 +259,15 @@ class Tracker:
         if next_seq < start_seq or (msgs and (msgs[0].seq < start_seq or msgs[-1].seq >= next_seq)):
             raise RemoteProtocolError(
                 f"replay chunk {start_seq}..{next_seq - 1} holds records outside that range")
+        if self._req_to is not None and next_seq > self._req_to + 1:
+            # More than was asked for: taken only up to what was asked (the cursor
+            # must not jump past seqs this chunk does not prove it holds; the rest
+            # comes live, from the buffer, or is asked for again).
+            n = len(msgs)
+            next_seq = self._req_to + 1
+            msgs = msgs[:bisect.bisect_left([m.seq for m in msgs], next_seq)]
+            if nbytes is not None and n:
+                nbytes = nbytes * len(msgs) // n
         if last_seq > self.known_tail:
             self.known_tail = last_seq
         resolving = self.next_seq is None
@@ -527,6 +537,7 @@ class Tracker:
                                 credit=max(1, min(self.credit, self._chunk_room())),
                                 max_records=self.chunk_records)
         self.replays += 1
+        self._req_to = req.to_seq
         self._rid = req.rid
         self._outstanding = req.credit
         self._owed = 0

@@ -123,6 +123,20 @@ def test_a_chunk_overlapping_the_buffer_gives_no_duplicates() -> None:
     assert seqs(tr) == list(range(1, 11))
 
 
+def test_a_chunk_past_what_was_asked_cannot_make_the_cursor_skip() -> None:
+    """A chunk claiming to cover 4..39 when 4..6 was asked for (a node that
+    lies, or is broken): only 4..6 is taken; what lies beyond is not skipped."""
+    tr = tracker()
+    batch(tr, 1, 3)
+    batch(tr, 7, 8)
+    (r,) = tr.actions()
+    assert (r.from_seq, r.to_seq) == (4, 6)
+    chunk(tr, r.rid, 4, 40, done=True, records=msgs(4, 5) + msgs(20, 21))
+    assert seqs(tr) == [1, 2, 3, 4, 5, 7, 8] and tr.next_seq == 9   # 6: "filtered"
+    (r2,) = tr.actions()
+    assert (r2.from_seq, r2.to_seq) == (9, 39)           # the rest is asked for, not skipped
+
+
 def test_a_second_gap_behind_the_first_is_requested_after_it() -> None:
     tr = tracker()
     batch(tr, 1, 1)
