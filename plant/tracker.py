@@ -292,11 +292,14 @@ class Tracker:
             self._rid = None
             self._outstanding = 0
             self._owed = 0
-            if last_seq < self.known_tail and not self._buf:
-                # The node's log ends before the tail we believed in (a heartbeat
-                # or WELCOME that overstated it, or a new leader with a shorter
-                # log): believe the log, or we would ask for that tail again at
-                # once, for ever.
+            asked = self._req_to
+            if asked is not None and last_seq < asked and last_seq < self.known_tail \
+                    and not self._buf:
+                # We asked for a tail the node's log does not reach (a heartbeat or
+                # WELCOME that overstated it, or a new leader with a shorter log):
+                # believe the log, or we would ask for that tail again at once, for
+                # ever. (A chunk cut before a newer heartbeat does not count: it
+                # answered a shorter request.)
                 self.known_tail = max(last_seq, self.next_seq - 1)
         else:
             # the time request had credit 1 (see _maybe_request): open the pipeline now

@@ -188,6 +188,21 @@ def test_a_tail_the_node_overstated_is_asked_for_once_not_for_ever() -> None:
     assert seqs(tr)[-1] == 6 and tr.actions() == []
 
 
+def test_a_chunk_cut_before_a_newer_heartbeat_keeps_the_tail_it_announced() -> None:
+    """The overstated-tail correction applies only when the node's log ends before
+    what was asked for: a replay of 1..10 cut while the node was at 20 says nothing
+    against a heartbeat at 25 that came meanwhile (batch 21..25 was lost)."""
+    tr = tracker(start=Start.at_seq(1))
+    batch(tr, 11, 20)
+    (r,) = tr.actions()
+    assert (r.from_seq, r.to_seq) == (1, 10)
+    tr.on_heartbeat(25, 0.01)
+    chunk(tr, r.rid, 1, 11, last_seq=20, done=True, now=0.02)
+    assert tr.known_tail == 25
+    (r2,) = tr.actions()
+    assert (r2.from_seq, r2.to_seq) == (21, 25)
+
+
 def test_heartbeat_ahead_requests_the_tail() -> None:
     tr = tracker()
     batch(tr, 1, 3)
