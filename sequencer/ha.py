@@ -106,6 +106,11 @@ def next_role(state: Role, inp: Input) -> Role:
     return TRANSITIONS.get((state, inp), state)
 
 
+#: Epoch hints above this are not plausible (no pair fails over 2**62 times)
+#: and would overflow the next epoch: ignored.
+MAX_HINTED_EPOCH = 1 << 62
+
+
 def next_epoch(seen: int, parity: int) -> int:
     """Smallest epoch > ``seen`` with ``epoch % 2 == parity``."""
     e = seen + 1
@@ -142,6 +147,12 @@ class HaCore:
         self.role = role
         self.epoch = epoch
         self.max_epoch = epoch
+        #: The highest epoch plants said they saw (HELLO ``epoch``, votes). Only a
+        #: floor for the next epoch this node takes, so plants never find it stale;
+        #: never what decides whom a standby follows: a plant's word is not
+        #: authenticated, and one HELLO claiming a huge epoch cut a standby off from
+        #: its active node (it refused every REPL below it).
+        self.hinted_epoch = 0
         self.parity = parity
         self.failover_s = failover_s
         self.solo_after_s = solo_after_s
@@ -191,7 +202,7 @@ class HaCore:
         if new is not Role.PRIMARY:
             self.blocked = None           # no longer booting: nothing is being refused
         if new is Role.ACTIVE:
-            self.epoch = next_epoch(self.max_epoch, self.parity)
+            self.epoch = next_epoch(max(self.max_epoch, self.hinted_epoch), self.parity)
             self.max_epoch = self.epoch
             self.repl = ReplState.SYNCING if self.has_peer else ReplState.NONE
             self.standby_acked = 0
@@ -248,10 +259,14 @@ class HaCore:
         self.blocked = None
         return self.feed(inp, now) if inp else None
 
+    def hint_epoch(self, epoch: int) -> None:
+        """A plant says it saw ``epoch`` (see :attr:`hinted_epoch`)."""
+        if self.hinted_epoch < epoch <= MAX_HINTED_EPOCH:
+            self.hinted_epoch = epoch
+
     def on_vote(self, epoch_seen: int, now: float) -> Role | None:
         """A plant reports the active node unreachable (it saw ``epoch_seen``)."""
-        if epoch_seen > self.max_epoch:
-            self.max_epoch = epoch_seen
+        self.hint_epoch(epoch_seen)
         if self.role is Role.PRIMARY and epoch_seen > self.epoch:
             # The plant saw a leader newer than any this node led: the peer took
             # over after this node stopped and may hold acked records this log

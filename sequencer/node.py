@@ -649,8 +649,8 @@ class SequencerNode:
             if ev.vote and self.ha.role is not Role.ACTIVE:
                 now = time.monotonic()
                 self._apply_role(self.ha.on_vote(ev.epoch, now), now)
-            elif ev.epoch > self.ha.max_epoch:
-                self.ha.max_epoch = ev.epoch
+            else:
+                self.ha.hint_epoch(ev.epoch)
             self._send(route, self._welcome(ev.rid))
         elif t is Ping:
             self._send(route, self._pong(ev.rid))

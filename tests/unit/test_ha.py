@@ -259,3 +259,20 @@ def test_a_vote_slightly_early_is_kept_for_one_failover_period() -> None:
     hb(d, "active", 1, 100.5)                           # the active node was only slow
     assert d.check_vote(100.9) is None and d.role is R.PASSIVE
     assert d.check_vote(101.2) is None and d.vote_until == 0.0   # the vote expired
+
+
+def test_an_epoch_a_plant_claims_never_decides_whom_the_standby_follows() -> None:
+    """A HELLO claiming epoch 2**63 - 1 (a fuzzing pass sent one to a standby) used
+    to raise the standby's highest-seen epoch, and it refused every REPL of its
+    active node below it: replication stopped and the active went solo. A plant's
+    epoch is now only a floor for the next epoch this node takes (so plants never
+    find it stale), and an implausible one is ignored."""
+    c = core()
+    hb(c, "active", 1, 100.0)
+    c.hint_epoch(2**63 - 1)
+    assert c.max_epoch == 1 and c.hinted_epoch == 0        # implausible: ignored
+    c.hint_epoch(7)                                        # a leader this node never saw
+    assert c.max_epoch == 1 and c.hinted_epoch == 7
+    assert hb(c, "active", 1, 100.1) is None and c.role is R.PASSIVE   # still follows it
+    assert c.on_vote(1, 100.6) is R.ACTIVE
+    assert c.epoch == 8                                    # above what plants saw, even parity
