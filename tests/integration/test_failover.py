@@ -334,3 +334,23 @@ def test_a_standby_refuses_publishes_and_names_the_active_node(tmp_path: Path, n
     wait_for(lambda: c.status()["role"] == "active" and d.status()["role"] == "standby",
              20, "the two primaries to agree on one leader")
     assert c.data.name < d.data.name
+
+
+def test_a_plant_claiming_a_huge_epoch_does_not_cut_the_standby_off(
+        tmp_path: Path, node_factory) -> None:
+    """One well-formed HELLO with epoch 2**63 - 1 sent to the standby (a fuzzing
+    pass): the standby used to refuse every REPL of its active node from then
+    on, the active went solo and acked messages lived on one node only. The
+    standby keeps following, and what is acked after the HELLO is on both."""
+    from orbcast.envelope import Ack, Hello, Publish
+    from orbcast.rpc import request
+    a, b = start_pair(node_factory)
+    request(b.ingress, Hello(rid=1, client="fuzz", epoch=2**63 - 1))
+    request(b.ingress, Hello(rid=2, client="fuzz", epoch=5))          # plausible: a floor only
+    r = request(a.ingress, Publish(rid=3, producer="p", items=((1, "t", b"after"),)))
+    assert type(r) is Ack and r.pairs == (1, 1), r
+    wait_for(lambda: b.status()["log_last_seq"] == 1, 10, "the standby to hold the acked record")
+    assert a.status()["ha"]["standby"] == "in-sync"
+    assert b.status()["ha"]["max_epoch"] == a.status()["epoch"]
+    a.stop()
+    b.stop()
