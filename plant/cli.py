@@ -39,6 +39,7 @@ from orbcast.errors import LocalProtocolError, OrbcastError, OrbcastTimeout, Rem
 from orbcast.rpc import one_shot_link, request
 
 from .checkpoint import CheckpointStore
+from .outbox import _fsync_directory
 from .client import Plant, Subscription, parse_start, parse_time, start_of_day_ns
 from .tracker import Start
 
@@ -589,13 +590,8 @@ class _ReplacedOnSuccess:
         except BaseException:
             self.discard()
             raise
-        if not renamed:
-            return
-        dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        if renamed:
+            _fsync_directory(Path(os.path.dirname(self.path) or "."))
 
     def discard(self) -> None:
         """Drop the partial output: FILE stays as it was."""
