@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from orbcast import envelope as env
+from orbcast.cliutil import StopSignal
 from orbcast.envelope import Message
 from orbcast.errors import BrokenError, ClosedError, OrbcastError
 from orbcast.messages import (
@@ -130,7 +131,7 @@ class Bridge:
         self.plant: Plant | None = None
         self._subs: list[Subscription] = []
         self._lock = threading.RLock()      # state file + outputs
-        self._stop = threading.Event()
+        self._stop = StopSignal()           # set by the SIGTERM handler: takes no lock
         self._closing = False
         self._state_path = Path(cfg.plant.data) / STATE_FILE
         self._positions: dict[str, int] = {}
@@ -178,7 +179,8 @@ class Bridge:
             self._stop.wait(max(0.0, nxt - time.monotonic()))   # the loop's one timer
 
     def stop(self) -> None:
-        """Ask :meth:`run` to return (thread- and signal-safe)."""
+        """Ask :meth:`run` to return (safe from other threads and from a
+        signal handler: :class:`~orbcast.cliutil.StopSignal` takes no lock)."""
         self._stop.set()
 
     def _plant_error(self) -> BaseException | None:
@@ -214,6 +216,7 @@ class Bridge:
                 except Exception:      # closing a broken device: nothing more to do
                     log.debug("closing %s failed", d.spec.name, exc_info=True)
                 d.dev = None
+        self._stop.close()
 
     def __enter__(self) -> Bridge:
         self.start()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, Any, Self, Sequence
 
 from orbcast import config as cfgmod
-from orbcast.cliutil import run_main, setup_logging
+from orbcast.cliutil import StopSignal, run_main, setup_logging
 from orbcast.envelope import MAX_PAYLOAD_BYTES, Error, Message, StatusRequest, check_topic
 from orbcast.errors import LocalProtocolError, OrbcastError, OrbcastTimeout, RemoteProtocolError
 from orbcast.rpc import one_shot_link, request
@@ -372,7 +372,7 @@ def _start_and_checkpoint(spec: str) -> tuple[Any, str | None]:
 
 def _emit(sub: Subscription, out: IO[str], fmt: str, count: int | None = None,
           progress_total: int | None = None, *, raw: bool = False, notifier: Any = None,
-          durable: bool = False, stop: threading.Event | None = None) -> int:
+          durable: bool = False, stop: StopSignal | None = None) -> int:
     """Write messages until the subscription ends (or ``count``, or ``stop``).
     With a systemd ``notifier`` or a ``stop`` event the loop wakes at least once
     a second (to ping the watchdog, to notice the stop) even when no message
@@ -644,11 +644,11 @@ def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
     elif a.output:
         target = _ReplacedOnSuccess(a.output)
         out = target.file
-    stop: threading.Event | None = None
+    stop: StopSignal | None = None
     if a.follow:
         # SIGTERM (systemctl stop / restart) ends the loop; the file is then
         # fsynced and the checkpoint saved (they were lost or got apart before)
-        stop = threading.Event()
+        stop = StopSignal()             # set from the handler: takes no lock
         old_term = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     else:
         old_term = signal.signal(signal.SIGTERM, _exit_on_term)
@@ -702,6 +702,8 @@ def _replay(a: argparse.Namespace, cfg: cfgmod.PlantConfig) -> int:
             out.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        if stop is not None:
+            stop.close()
     return 0
 
 
