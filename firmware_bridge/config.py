@@ -90,7 +90,7 @@ REQ = object()
 #: means pressed; with a pull-up or pull-down it follows from the pull.
 FLOATING = "floating"
 _PULL_OR_FLOATING = object()        # option type: true, false or "floating"
-_PULL = {"pull_up": (_PULL_OR_FLOATING, None), "bounce_time": (float, None)}
+_PULL = {"pull_up": (_PULL_OR_FLOATING, None), "active_state": (bool, None)}
 _SMOOTH = {"queue_len": (int, None), "sample_rate": (float, None), "threshold": (float, None)}
 _SAMPLED = {"interval": (float, 1.0), "delta": (float, None), "max_silence": (float, None)}
 _OUT = {"pin": (object, REQ), "active_high": (bool, True)}
@@ -98,9 +98,9 @@ _OUT = {"pin": (object, REQ), "active_high": (bool, True)}
 #: type -> (category, unit, options). category: "event" (publish on change),
 #: "sampled" (publish on interval/delta) or "output".
 DEVICE_TYPES: dict[str, tuple[str, str, dict[str, tuple[Any, Any]]]] = {
-    "Button": ("event", "", {"pin": (object, REQ), **_PULL, "active_state": (bool, None)}),
-    "MotionSensor": ("event", "", {"pin": (object, REQ), "pull_up": (bool, None), **_SMOOTH}),
-    "LineSensor": ("event", "", {"pin": (object, REQ), "pull_up": (bool, None), **_SMOOTH}),
+    "Button": ("event", "", {"pin": (object, REQ), **_PULL, "bounce_time": (float, None)}),
+    "MotionSensor": ("event", "", {"pin": (object, REQ), **_PULL, **_SMOOTH}),
+    "LineSensor": ("event", "", {"pin": (object, REQ), **_PULL, **_SMOOTH}),
     "LightSensor": ("sampled", "", {"pin": (object, REQ), "queue_len": (int, None),
                                     "charge_time_limit": (float, None), **_SAMPLED}),
     "DistanceSensor": ("sampled", "m", {"echo": (object, REQ), "trigger": (object, REQ),
@@ -424,7 +424,8 @@ class _Checker:
             raise self.fail(f'pull_up = "{FLOATING}" needs active_state: true if the input reads '
                             f"high when active (wired to 3.3 V), false if low", kind, i, "pull_up")
         if active is not None and pull != FLOATING:
-            how = "omitted (a pull-up)" if pull is None else f"{str(pull).lower()}"
+            default = "a pull-up" if typ == "Button" else "a pull-down"     # gpiozero's defaults
+            how = f"omitted ({default})" if pull is None else f"{str(pull).lower()}"
             raise self.fail(f'active_state is only used with pull_up = "{FLOATING}" (no pull '
                             f"resistor); pull_up is {how}, which already sets the active state "
                             f"(pull-up: active low, pull-down: active high)", kind, i, "active_state")

@@ -101,6 +101,9 @@ def _kw(spec: DeviceSpec, *names: str) -> dict[str, Any]:
     return kw
 
 
+_SMOOTHED = ("pull_up", "active_state", "queue_len", "sample_rate", "threshold")
+
+
 def open_device(spec: DeviceSpec, *, pin_factory: Any = None, w1_path: str = "/sys/bus/w1/devices") -> Any:
     """Build the device object for ``spec``. Raises what gpiozero raises
     (``GPIOZeroError`` subclasses, ``OSError``) when the hardware is missing
@@ -112,9 +115,9 @@ def open_device(spec: DeviceSpec, *, pin_factory: Any = None, w1_path: str = "/s
     if t == "Button":
         return gz.Button(o["pin"], **_kw(spec, "pull_up", "bounce_time", "active_state"), **pf)
     if t == "MotionSensor":
-        return gz.MotionSensor(o["pin"], **_kw(spec, "pull_up", "queue_len", "sample_rate", "threshold"), **pf)
+        return gz.MotionSensor(o["pin"], **_kw(spec, *_SMOOTHED), **pf)
     if t == "LineSensor":
-        return gz.LineSensor(o["pin"], **_kw(spec, "pull_up", "queue_len", "sample_rate", "threshold"), **pf)
+        return gz.LineSensor(o["pin"], **_kw(spec, *_SMOOTHED), **pf)
     if t == "LightSensor":
         return gz.LightSensor(o["pin"], **_kw(spec, "queue_len", "charge_time_limit"), **pf)
     if t == "DistanceSensor":

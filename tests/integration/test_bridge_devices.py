@@ -140,6 +140,23 @@ def test_motion_sensor(h: Harness) -> None:
     assert next_reading(sub).value is False
 
 
+def test_motion_sensor_without_pull_resistor_uses_active_state(h: Harness) -> None:
+    """A PIR with an open-collector output and an external pull-up: active
+    low, no internal resistor (``pull_up = "floating"``, ``active_state = false``)."""
+    f = MockFactory()
+    f.pin(5).drive_high()                       # idle high (the external pull-up)
+    _, sub = h.consumer("sensors/pir/")
+    b = h.bridge('[[input]]\ntype = "MotionSensor"\npin = 5\ntopic = "sensors/pir/hall"\n'
+                 'sample_rate = 50\npull_up = "floating"\nactive_state = false\n', f)
+    dev = b.inputs[0].dev
+    assert dev is not None and dev.pull_up is None
+    assert next_reading(sub).value is False     # high = no motion
+    f.pin(5).drive_low()
+    assert next_reading(sub).value is True
+    f.pin(5).drive_high()
+    assert next_reading(sub).value is False
+
+
 def test_line_sensor(h: Harness) -> None:
     f = MockFactory()
     _, sub = h.consumer("sensors/line/")

@@ -174,6 +174,23 @@ def test_button_pull_and_active_state_gpiozero_would_refuse(extra, needle, words
     assert e.line == line_of(text, needle)
 
 
+SMOOTHED = BASE + '\n[[input]]\ntype = "{typ}"\npin = 22\ntopic = "sensors/x"\n{extra}\n'
+
+
+@pytest.mark.parametrize("typ", ["MotionSensor", "LineSensor"])
+def test_motion_and_line_sensors_take_floating_and_active_state_like_a_button(typ):
+    text = SMOOTHED.format(typ=typ, extra='pull_up = "floating"\nactive_state = false')
+    opts = next(d for d in loads(text, environ={}).inputs if d.type == typ).options
+    assert (opts["pull_up"], opts["active_state"]) == ("floating", False)
+    # the same rules: active_state only without a pull resistor, which then needs it
+    text = SMOOTHED.format(typ=typ, extra="active_state = true")
+    e = refused(text)
+    assert "omitted (a pull-down)" in str(e) and e.line == line_of(text, "active_state")
+    text = SMOOTHED.format(typ=typ, extra='pull_up = "floating"')
+    e = refused(text)
+    assert "needs active_state" in str(e) and e.line == line_of(text, 'pull_up = "floating"')
+
+
 def test_a_floating_button_opens_on_gpiozero():
     """What ``check`` accepts, gpiozero opens (it refused active_state before)."""
     from gpiozero.pins.mock import MockFactory
