@@ -432,7 +432,7 @@ class Tracker:
         ready = self.ready
         n = len(msgs)
         if self._min_time is not None and msgs:
-            kept = self._not_before(msgs)
+            kept = self._not_before(msgs, from_seq)
             if len(kept) != n:
                 nbytes = nbytes * len(kept) // n
                 msgs, n = kept, len(kept)
@@ -464,12 +464,14 @@ class Tracker:
             self._count(last, nbytes * k // n + k * MSG_OVERHEAD)
         return k
 
-    def _not_before(self, msgs: list[Message]) -> list[Message]:
+    def _not_before(self, msgs: list[Message], from_seq: int) -> list[Message]:
         """``msgs`` without those stamped before the start time (the start by time
-        of a subscription); from the first one at or after it, everything."""
+        of a subscription); from the first one at or after it, everything. Only a
+        record at or past the cursor (``from_seq``) counts: one already passed is
+        skipped anyway, and times need not grow with seqs across a failover."""
         t = self._min_time
         for i, m in enumerate(msgs):
-            if m.time >= t:
+            if m.time >= t and m.seq >= from_seq:
                 self._min_time = None
                 return msgs[i:]
         return []

@@ -577,6 +577,23 @@ def test_start_by_time_after_everything() -> None:
     assert seqs(tr) == list(range(60, 64))
 
 
+def test_start_by_time_is_not_cleared_by_a_record_before_the_cursor() -> None:
+    """Record times need not grow with seqs (a failover to a node whose clock is
+    behind). A batch that straddles the cursor may hold an already-passed record
+    stamped after the start time: it is skipped, so it must not end the time
+    filter for the earlier-stamped records after it."""
+    tr = tracker(start=Start.at_time(60_000))
+    tr.tick(0.0)
+    (r,) = tr.actions()
+    chunk(tr, r.rid, 51, 51, done=True, records=[])      # resolved: seq 51, nothing yet
+    assert tr.resolved_start == 51
+    late = [Message(50, 1, 70_000, "p", 50, "t", b"x")]  # before the cursor, stamped after
+    tr.on_batch(50, 53, late + msgs(51, 53), 0.1, nbytes=400)
+    assert seqs(tr) == [] and tr.next_seq == 54
+    tr.on_batch(54, 55, [msg(54), Message(55, 1, 61_000, "p", 55, "t", b"y")], 0.2)
+    assert seqs(tr) == [55]
+
+
 @pytest.mark.parametrize("make", [lambda: Start.at_seq(0), lambda: Start.at_seq(2**63),
                                   lambda: Start.at_time(-1), lambda: Start.at_time(2**63)])
 def test_start_validation(make: Any) -> None:
