@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from orbcast.errors import ConfigError
+from orbcast.fsutil import fsync_dir
 from orbcast.ratchet import KeyGenerator, default_keygen, public_from_private
 
 __all__ = [
@@ -182,11 +183,7 @@ def write_private_file(path: str | os.PathLike[str], data: bytes, *,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(p.parent)
 
 
 def read_private_file(path: str | os.PathLike[str], *, limit: int = MAX_PRIVATE_FILE_BYTES) -> bytes:

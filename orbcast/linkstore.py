@@ -41,6 +41,7 @@ import zlib
 from pathlib import Path
 
 from .errors import ConfigError
+from .fsutil import fsync_dir
 from .keys import write_private_file
 
 __all__ = ["SessionStore", "JOURNAL_NAME"]
@@ -105,11 +106,7 @@ class SessionStore:
             self._size = len(_HEADER)
             self._sync()
             if self.fsync:                  # the new file's directory entry, too
-                dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                fsync_dir(self.dir)
 
     # -- reading --------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Final
 
 from orbcast.errors import ConfigError, DurabilityError, LocalProtocolError
+from orbcast.fsutil import fsync_dir
 
 __all__ = [
     "DEFAULT_EVERY_RECORDS",
@@ -179,11 +180,7 @@ class CheckpointStore:
                 tmp.unlink()
             raise DurabilityError(f"cannot save checkpoint {path}: {exc}") from exc
         try:
-            dfd = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self._dir)
         except OSError as exc:
             raise DurabilityError(f"cannot fsync checkpoint directory {self._dir}: {exc}") from exc
         self.saves += 1

@@ -36,10 +36,10 @@ from orbcast import config as cfgmod
 from orbcast.cliutil import StopSignal, run_main, setup_logging
 from orbcast.envelope import MAX_PAYLOAD_BYTES, Error, Message, StatusRequest, check_topic
 from orbcast.errors import LocalProtocolError, OrbcastError, OrbcastTimeout, RemoteProtocolError
+from orbcast.fsutil import fsync_dir
 from orbcast.rpc import one_shot_link, request
 
 from .checkpoint import CheckpointStore
-from .outbox import _fsync_directory
 from .client import Plant, Subscription, parse_start, parse_time, start_of_day_ns
 from .tracker import Start
 
@@ -591,7 +591,7 @@ class _ReplacedOnSuccess:
             self.discard()
             raise
         if renamed:
-            _fsync_directory(Path(os.path.dirname(self.path) or "."))
+            fsync_dir(os.path.dirname(self.path) or ".")
 
     def discard(self) -> None:
         """Drop the partial output: FILE stays as it was."""

@@ -139,6 +139,7 @@ from orbcast.errors import (
     OutboxFull,
     OutboxWriteFailed,
 )
+from orbcast.fsutil import fsync_dir
 
 __all__ = [
     "COMPACT_MIN_DEAD_BYTES",
@@ -284,14 +285,6 @@ def _valid_record_at(data: bytes, pos: int) -> tuple[int, int] | None:
     return kind, end
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Outbox:
     """A durable, bounded, append-only outbox of aspiring messages.
 
@@ -366,7 +359,7 @@ class Outbox:
         try:
             self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             if created_dir and self._fsync:
-                _fsync_directory(self._dir.parent)
+                fsync_dir(self._dir.parent)
             self._lock_fd = os.open(self._dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
             raise DurabilityError(f"cannot create outbox directory {self._dir}: {exc}") from exc
@@ -713,7 +706,7 @@ class Outbox:
 
     def _sync_dir(self) -> None:
         if self._fsync:
-            _fsync_directory(self._dir)
+            fsync_dir(self._dir)
             self.syncs += 1
 
     def _write_file(self, pseq_floor: int, entries: dict[int, tuple[str, bytes, int]]) -> int:

@@ -41,6 +41,7 @@ from orbcast.envelope import (Admin, Cancel, Credit, Error, Heartbeat, Hello, Pi
                               ReplayRequest, StatusReply, StatusRequest, Welcome)
 from orbcast.errors import (AuthenticationError, DurabilityError, LocalProtocolError, LogCorruptedError,
                             RemoteProtocolError)
+from orbcast.fsutil import fsync_dir
 from orbcast.sdnotify import Notifier
 
 from . import peer as peerlink
@@ -1321,11 +1322,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_dir(path.parent)
 
 
 def run(cfg: SequencerConfig) -> int:
