@@ -36,7 +36,7 @@ from typing import Sequence
 
 import cbor2
 
-from orbcast.envelope import (MAX_BATCH_RECORDS, MAX_BODY_BYTES, cbor_text, decode_record,
+from orbcast.envelope import (MAX_BATCH_RECORDS, cbor_text, decode_record,
                                encode_record, encode_records)
 from orbcast.errors import RemoteProtocolError
 

@@ -7,7 +7,6 @@ processes: a node, the archive CLI, kill -9 and SIGTERM.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
