@@ -319,11 +319,15 @@ class SerialLink:
             try:
                 port.write(frame)
             except (OSError, self._serial.SerialException) as exc:
-                log.warning("serial %s: write failed: %s", self.name, exc)
-                self._break()
-                return False
-            self.counters["frames_out"] += 1
-            return True
+                failed: BaseException = exc
+            else:
+                self.counters["frames_out"] += 1
+                return True
+        # outside the lock: _drop takes it (a write timeout used to deadlock here,
+        # the sender and then stop() waiting for ever on the lock it held)
+        log.warning("serial %s: write failed: %s", self.name, failed)
+        self._drop(port)
+        return False
 
     # --- link thread -------------------------------------------------------------
 
@@ -351,7 +355,7 @@ class SerialLink:
             except (OSError, self._serial.SerialException, TypeError, AttributeError) as exc:
                 # TypeError/AttributeError: pyserial's socket:// handler after a close
                 log.warning("serial %s: port lost: %s", self.name, exc)
-                self._break()
+                self._drop(port)
                 continue
             if not data:
                 continue
@@ -402,13 +406,23 @@ class SerialLink:
         else:
             self._open_held += 1
 
-    def _break(self) -> None:
-        self.connected.clear()
-        self._close()
+    def _drop(self, port: Any) -> None:
+        """Close ``port`` after an I/O error on it, unless the link has moved on
+        to another one meanwhile (never call with :attr:`_wlock` held)."""
+        with self._wlock:
+            if self._port is not port:
+                return
+            self._port = None
+            self.connected.clear()
+        self._close_port(port)
 
     def _close(self) -> None:
         with self._wlock:
             port, self._port = self._port, None
+        self._close_port(port)
+
+    @staticmethod
+    def _close_port(port: Any) -> None:
         if port is not None:
             try:
                 port.close()

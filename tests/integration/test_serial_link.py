@@ -301,3 +301,42 @@ def test_open_failures_are_logged_again_when_the_error_changes(
         assert len(opened()) == 2 and "Is a directory" in opened()[1], opened()
     finally:
         link.stop()
+
+
+def test_a_write_that_times_out_drops_the_port_and_stop_returns() -> None:
+    """A firmware that stops reading: the port's write times out (1 s). The
+    sender gets False and the link reconnects; it used to deadlock on its own
+    write lock (the failure path took it again), stopping forwarding for good
+    and then ``stop()`` (the bridge could not exit on SIGTERM)."""
+    fw = FakeFirmware(free_port())
+    assert fw.listener is not None
+    link = SerialLink("esp32", f"socket://127.0.0.1:{fw.port}", on_record=lambda r: None)
+    link.start()
+    try:
+        fw.accept()
+        assert fw.conn is not None
+        fw.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # never read: fills fast
+        assert link.connected.wait(TIMEOUT)
+        frame = encode_frame(Record(kind=SET, topic="actuators/esp32/x", value="v" * 200))
+        result: list[bool] = []
+
+        def sender() -> None:
+            while link.send_frame(frame):
+                pass
+            result.append(False)
+
+        t = threading.Thread(target=sender, daemon=True)
+        t.start()
+        t.join(60)
+        assert not t.is_alive(), "send_frame never returned after the write timed out"
+        assert result == [False] and link.counters["frames_out"] > 0
+        fw.drop()                                 # the firmware restarts ...
+        fw.accept()                               # ... and the link comes back
+        wait_for(lambda: link.connected.is_set(), TIMEOUT, "the link to reconnect")
+        assert link.counters["reconnects"] >= 1
+    finally:
+        s = threading.Thread(target=link.stop, args=(1.0,), daemon=True)
+        s.start()
+        s.join(10)
+        fw.close()
+    assert not s.is_alive(), "stop() hung"
